@@ -1,0 +1,252 @@
+"""Engine benchmark: one reversible stack against plain autograd, checkpointing and the peers.
+
+The same stack everywhere: ``depth`` additive couplings whose f and g are Linear-GELU-Linear on
+streams of ``width`` features, fed a (batch, 2 * width) input. For each method it reports
+
+* the peak of live tensor bytes during a training step beyond parameters and gradients
+  (deterministic, :class:`torchrev.bench.LiveTensorBytes`; on CUDA also
+  ``torch.cuda.max_memory_allocated`` above the same baseline), and
+* the step time as a ratio to plain autograd, median of interleaved repeats in this run.
+
+Peers are skipped when not installed (``pip install --no-deps memcnn==1.5.2 revlib==1.7.2
+revtorch==0.2.4``). Run ``python benchmarks/engine.py`` (see benchmarks/README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import importlib.util
+import json
+import platform
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+import torchrev
+from torchrev.bench import interleaved_medians, peak_live_bytes
+
+RESULTS = Path(__file__).parent / "results"
+MiB = 2**20
+
+
+def branch(width: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, width))
+
+
+def branches(width: int, depth: int) -> list[tuple[nn.Module, nn.Module]]:
+    torch.manual_seed(0)
+    return [(branch(width), branch(width)) for _ in range(depth)]
+
+
+class Checkpointed(nn.Module):
+    """Plain couplings, each under non-reentrant ``torch.utils.checkpoint``."""
+
+    def __init__(self, pairs: list[tuple[nn.Module, nn.Module]]) -> None:
+        super().__init__()
+        self.couplings = nn.ModuleList(torchrev.AdditiveCoupling(f, g) for f, g in pairs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x1, x2 = x.chunk(2, dim=1)
+        for coupling in self.couplings:
+            x1, x2 = checkpoint(coupling, x1, x2, use_reentrant=False)
+        return torch.cat((x1, x2), dim=1)
+
+
+def torchrev_model(pairs: list[tuple[nn.Module, nn.Module]], reversible: bool) -> nn.Module:
+    stack = torchrev.ReversibleSequential(
+        *(torchrev.AdditiveCoupling(f, g) for f, g in pairs), reversible=reversible
+    )
+    return torchrev.ReversibleStage(stack, torchrev.Split(1), torchrev.Concat(1))
+
+
+def memcnn_model(pairs: list[tuple[nn.Module, nn.Module]]) -> nn.Module:
+    import memcnn
+
+    return nn.Sequential(
+        *(
+            memcnn.InvertibleModuleWrapper(memcnn.AdditiveCoupling(f, g, split_dim=1))
+            for f, g in pairs
+        )
+    )
+
+
+def revlib_model(pairs: list[tuple[nn.Module, nn.Module]]) -> nn.Module:
+    import revlib
+
+    return revlib.ReversibleSequential(*(m for pair in pairs for m in pair), split_dim=1)
+
+
+def revtorch_model(pairs: list[tuple[nn.Module, nn.Module]]) -> nn.Module:
+    import revtorch.revtorch as rv
+
+    blocks = nn.ModuleList(rv.ReversibleBlock(f, g, split_along_dim=1) for f, g in pairs)
+    return rv.ReversibleSequence(blocks)
+
+
+BUILDERS: dict[str, Callable[[list[tuple[nn.Module, nn.Module]]], nn.Module]] = {
+    "plain autograd": lambda pairs: torchrev_model(pairs, reversible=False),
+    "checkpoint": Checkpointed,
+    "torchrev": lambda pairs: torchrev_model(pairs, reversible=True),
+    "memcnn 1.5.2": memcnn_model,
+    "revlib 1.7.2": revlib_model,
+    "revtorch 0.2.4": revtorch_model,
+}
+PEER_MODULES = {"memcnn 1.5.2": "memcnn", "revlib 1.7.2": "revlib", "revtorch 0.2.4": "revtorch"}
+
+
+def available_methods() -> list[str]:
+    return [
+        name
+        for name in BUILDERS
+        if name not in PEER_MODULES or importlib.util.find_spec(PEER_MODULES[name]) is not None
+    ]
+
+
+def make_step(model: nn.Module, x: Tensor) -> Callable[[], None]:
+    """A training step whose own frame keeps nothing alive into backward.
+
+    The input requires grad: revlib's autograd function returns outputs without grad otherwise.
+    """
+
+    def loss() -> Tensor:
+        return model(x.clone().requires_grad_()).square().mean()
+
+    def step() -> None:
+        loss().backward()
+
+    return step
+
+
+def build(method: str, width: int, depth: int, device: torch.device) -> nn.Module:
+    pairs = copy.deepcopy(branches(width, depth))
+    return BUILDERS[method](pairs).to(device).train()
+
+
+def measure_memory(method: str, width: int, depth: int, batch: int, device: torch.device) -> dict:
+    model = build(method, width, depth, device)
+    x = torch.randn(batch, 2 * width, device=device)
+    step = make_step(model, x)
+    step()  # allocates .grad, so the measured step counts activations and temporaries only
+    model.zero_grad(set_to_none=False)
+    row = {"live_mib": peak_live_bytes(step) / MiB}
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        row["cuda_mib"] = (torch.cuda.max_memory_allocated() - base) / MiB
+    return row
+
+
+def measure_time(
+    methods: list[str], width: int, depth: int, batch: int, repeats: int, device: torch.device
+) -> dict[str, dict]:
+    x = torch.randn(batch, 2 * width, device=device)
+    steps = {m: make_step(build(m, width, depth, device), x) for m in methods}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    medians = interleaved_medians(steps, repeats=repeats, warmup=1, sync=sync)
+    base = medians["plain autograd"]
+    return {
+        m: {"seconds": s, "time_ratio": s / base, "samples_per_s": batch / s}
+        for m, s in medians.items()
+    }
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    device = torch.device(args.device)
+    methods = available_methods()
+    rows: list[dict] = []
+    for width in args.widths:
+        for depth in args.depths:
+            for method in methods:
+                row = {"method": method, "width": width, "depth": depth, "batch": args.batch}
+                row.update(measure_memory(method, width, depth, args.batch, device))
+                rows.append(row)
+                print(
+                    f"memory  width={width:<5} depth={depth:<3} {method:<16} "
+                    f"{row['live_mib']:9.2f} MiB",
+                    flush=True,
+                )
+    for depth in args.depths:
+        times = measure_time(methods, args.time_width, depth, args.time_batch, args.repeats, device)
+        for method, t in times.items():
+            rows.append(
+                {
+                    "method": method,
+                    "width": args.time_width,
+                    "depth": depth,
+                    "batch": args.time_batch,
+                    **t,
+                }
+            )
+            print(
+                f"time    width={args.time_width:<5} depth={depth:<3} {method:<16} "
+                f"{t['time_ratio']:6.3f}x plain",
+                flush=True,
+            )
+    return rows
+
+
+def table(rows: list[dict], args: argparse.Namespace) -> str:
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    memory = {(r["method"], r["width"], r["depth"]): r["live_mib"] for r in rows if "live_mib" in r}
+    times = {(r["method"], r["depth"]): r["time_ratio"] for r in rows if "time_ratio" in r}
+    cols = [(w, d) for w in args.widths for d in args.depths]
+    head = "| method | " + " | ".join(f"w{w} L{d} MiB" for w, d in cols)
+    head += " | " + " | ".join(f"time L{d}" for d in args.depths) + " |"
+    lines = [head, "|" + "---|" * (1 + len(cols) + len(args.depths))]
+    for m in methods:
+        mem = " | ".join(f"{memory[(m, w, d)]:.1f}" for w, d in cols)
+        tim = " | ".join(f"{times[(m, d)]:.2f}x" for d in args.depths)
+        lines.append(f"| {m} | {mem} | {tim} |")
+    return "\n".join(lines)
+
+
+def describe(args: argparse.Namespace) -> str:
+    device = torch.device(args.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    return (
+        f"torch {torch.__version__}, {device.type} ({where or platform.machine()}), "
+        f"{torch.get_num_threads()} threads; memory at batch {args.batch}; time at width "
+        f"{args.time_width}, batch {args.time_batch}, median of {args.repeats} interleaved "
+        f"repeats, as a ratio to plain autograd"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--widths", type=int, nargs="+", default=[64, 256, 1024])
+    parser.add_argument("--depths", type=int, nargs="+", default=[8, 32, 64])
+    parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--time-width", type=int, default=256)
+    parser.add_argument("--time-batch", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--tag", default=None, help="results file name (default: the device)")
+    args = parser.parse_args(argv)
+    rows = run(args)
+    text = table(rows, args)
+    print("\n" + describe(args) + "\n\n" + text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    tag = args.tag or f"engine-{torch.device(args.device).type}"
+    (args.out / f"{tag}.json").write_text(
+        json.dumps({"setup": describe(args), "argv": sys.argv[1:], "rows": rows}, indent=1)
+    )
+    (args.out / f"{tag}.md").write_text(describe(args) + "\n\n" + text + "\n")
+    fields = sorted({k for r in rows for k in r})
+    with open(args.out / f"{tag}.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""The diagnostic users run on their own f and g."""
+
+import torch
+from torch import nn
+
+import torchrev
+from tests.helpers import F64, mlp, stack_of, streams
+
+
+def test_a_sound_stack_passes_and_state_is_left_alone():
+    couplings = [
+        torchrev.AdditiveCoupling(
+            nn.Sequential(nn.Linear(6, 6), nn.BatchNorm1d(6), nn.Dropout(0.2)), mlp(6)
+        )
+        for _ in range(4)
+    ]
+    stack = torchrev.ReversibleSequential(*couplings).to(F64)
+    buffers = [b.clone() for b in stack.buffers()]
+    x1, x2 = streams(8, 6)
+    rng = torch.get_rng_state()
+    report = torchrev.check_reversibility(stack, x1, x2)
+    assert report.ok(1e-10), str(report)
+    assert len(report.blocks) == 4 and "reconstruction" in str(report)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(a, b) for a, b in zip(stack.buffers(), buffers))
+
+
+class Drifting(nn.Module):
+    """Not a function of its input: returns something new on every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return x * 0.1 * self.calls
+
+
+def test_a_stateful_branch_is_caught_at_its_block():
+    couplings = [torchrev.AdditiveCoupling(mlp(6), mlp(6)) for _ in range(3)]
+    couplings[1] = torchrev.AdditiveCoupling(Drifting(), mlp(6))
+    stack = torchrev.ReversibleSequential(*couplings).to(F64)
+    report = torchrev.check_reversibility(stack, *streams(5, 6))
+    assert not report.ok(1e-6)
+    assert report.blocks[2].reconstruction_error < 1e-12  # above the culprit: fine
+    assert report.blocks[1].reconstruction_error > 1e-3
+
+
+class ClosesOver(nn.Module):
+    def __init__(self, tensor):
+        super().__init__()
+        self.tensor = tensor  # a plain attribute, not a parameter: invisible to the engine
+
+    def forward(self, x):
+        return x * self.tensor
+
+
+def test_a_branch_that_closes_over_a_trainable_tensor_is_caught():
+    hidden = torch.randn(6, dtype=F64, requires_grad=True)
+    stack = torchrev.ReversibleSequential(
+        torchrev.AdditiveCoupling(ClosesOver(hidden), mlp(6).to(F64))
+    )
+    report = torchrev.check_reversibility(stack, *streams(5, 6))
+    assert report.untracked_leaves == 1 and not report.ok(1.0)
+    assert "keyword arguments" in str(report)
+
+
+def test_small_scales_lose_precision_with_depth():
+    stack = stack_of(torchrev.ScaledCoupling, 12, width=16, dtype=torch.float32, lam=0.1)
+    report = torchrev.check_reversibility(stack, *streams(8, 16, dtype=torch.float32))
+    errors = [b.reconstruction_error for b in report.blocks]
+    assert errors[0] > 100 * errors[-1]

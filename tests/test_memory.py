@@ -1,0 +1,50 @@
+"""Invariant 7: the activation peak of a training step does not grow with depth."""
+
+import pytest
+import torch
+
+import torchrev
+from tests.helpers import stack_of
+from torchrev.bench import LiveTensorBytes, peak_live_bytes
+
+
+def training_step_peak(depth: int, reversible: bool, cls=torchrev.AdditiveCoupling) -> int:
+    """Peak live bytes of one step beyond parameters and gradients (both allocated before)."""
+    torch.manual_seed(0)
+    stack = stack_of(cls, depth, width=16, dtype=torch.float32)
+    stack.reversible = reversible
+    x = torch.randn(32, 32)
+
+    def loss():
+        y1, y2 = stack(*torchrev.Split(1)(x.clone()))
+        return y1.square().sum() + y2.square().sum()
+
+    loss().backward()
+    stack.zero_grad(set_to_none=False)
+    return peak_live_bytes(lambda: loss().backward())
+
+
+@pytest.mark.parametrize("cls", torchrev.couplings.COUPLINGS, ids=lambda c: c.__name__)
+def test_reversible_peak_is_flat_in_depth(cls):
+    assert training_step_peak(3, True, cls) == training_step_peak(12, True, cls)
+
+
+def test_plain_peak_grows_with_depth_so_the_measurement_can_fail():
+    shallow, deep = training_step_peak(3, False), training_step_peak(12, False)
+    assert deep > 3 * shallow
+    assert training_step_peak(12, True) < deep / 4
+
+
+def test_tracker_counts_allocations_frees_and_storage_resizes():
+    with LiveTensorBytes() as tracker:
+        a = torch.empty(1000, dtype=torch.float32)
+        view = a[:10]
+        assert tracker.current == 4000
+        del a
+        assert tracker.current == 4000  # the view keeps the storage alive
+        del view
+        assert tracker.current == 0
+        b = torch.empty(250)
+        b.untyped_storage().resize_(0)  # as memcnn frees activations
+        assert tracker.current == 0
+    assert tracker.peak == 4000

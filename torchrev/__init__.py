@@ -1,0 +1,23 @@
+"""torchrev: reversible neural networks for PyTorch.
+
+Training a reversible stack stores no per-block activations: backward rebuilds each block's
+input from its output and recomputes the block once, and the gradients equal plain autograd's.
+"""
+
+from ._core.checks import BlockReport as BlockReport
+from ._core.checks import ReversibilityReport as ReversibilityReport
+from ._core.checks import check_reversibility as check_reversibility
+from ._core.coupling import AbstractCoupling as AbstractCoupling
+from ._core.errors import ReversibilityError as ReversibilityError
+from ._core.sequence import ReversibleSequential as ReversibleSequential
+from ._core.streams import Concat as Concat
+from ._core.streams import Duplicate as Duplicate
+from ._core.streams import Mean as Mean
+from ._core.streams import ReversibleStage as ReversibleStage
+from ._core.streams import Split as Split
+from .couplings import AdditiveCoupling as AdditiveCoupling
+from .couplings import AffineCoupling as AffineCoupling
+from .couplings import MomentumCoupling as MomentumCoupling
+from .couplings import ScaledCoupling as ScaledCoupling
+
+__version__ = "0.1.0"

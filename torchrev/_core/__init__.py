@@ -1,0 +1,1 @@
+"""The engine: couplings' contract, the reversible autograd node, stacks. Imports only torch."""

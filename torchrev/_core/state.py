@@ -1,0 +1,155 @@
+"""Stash and replay the global state a recomputation must see: RNG, autocast, buffers.
+
+A reversible backward re-runs ``f`` and ``g`` long after the forward did. Anything they read
+from outside their inputs must be put back as it was, and anything they write must not be
+written twice. These helpers do that for the three pieces of global state that matter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+def _accelerator(device: torch.device) -> tuple[object, int] | None:
+    """The ``torch.cuda``-like module and device index for a non-CPU device, if it has an RNG."""
+    if device.type == "cpu":
+        return None
+    module = getattr(torch, device.type, None)
+    if module is None or not hasattr(module, "get_rng_state"):
+        return None
+    index = device.index if device.index is not None else module.current_device()
+    return module, index
+
+
+@dataclass(frozen=True)
+class RngState:
+    """The CPU generator's state and, for an accelerator input, that device's generator state.
+
+    NOTE [RNG replay]: the forward records the state before each branch; the recomputation
+    in backward sets it, runs the branch, and restores the caller's state, so dropout masks are
+    identical in both runs and the caller's generators advance exactly as in plain autograd.
+    """
+
+    cpu: Tensor
+    device: torch.device
+    accelerator: Tensor | None
+
+    @classmethod
+    def capture(cls, device: torch.device) -> RngState:
+        acc = _accelerator(device)
+        state = None if acc is None else acc[0].get_rng_state(acc[1])  # type: ignore[attr-defined]
+        return cls(torch.get_rng_state(), device, state)
+
+    def same_as(self, other: RngState) -> bool:
+        if not torch.equal(self.cpu, other.cpu):
+            return False
+        if self.accelerator is None or other.accelerator is None:
+            return self.accelerator is other.accelerator
+        return torch.equal(self.accelerator, other.accelerator)
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        acc = _accelerator(self.device)
+        if acc is not None and self.accelerator is not None:
+            acc[0].set_rng_state(self.accelerator, acc[1])  # type: ignore[attr-defined]
+
+    @contextmanager
+    def replayed(self) -> Iterator[None]:
+        """Run the body with this state installed, then put the caller's state back."""
+        caller = RngState.capture(self.device)
+        self.restore()
+        try:
+            yield
+        finally:
+            caller.restore()
+
+
+@dataclass(frozen=True)
+class AutocastState:
+    """Autocast settings of the CPU and of the input's device at the time of the forward.
+
+    NOTE [autocast replay]: the recomputation runs under exactly these settings, so it casts
+    the same operations to the same dtypes as the forward did. Without this the recomputed
+    branch outputs differ from the forward's and the gradients are off by the cast error.
+    """
+
+    settings: tuple[tuple[str, bool, torch.dtype], ...]
+    cache_enabled: bool
+
+    @classmethod
+    def capture(cls, device: torch.device) -> AutocastState:
+        types = ("cpu",) if device.type == "cpu" else ("cpu", device.type)
+        settings = tuple(
+            (t, torch.is_autocast_enabled(t), torch.get_autocast_dtype(t)) for t in types
+        )
+        return cls(settings, torch.is_autocast_cache_enabled())
+
+    @contextmanager
+    def replayed(self) -> Iterator[None]:
+        with ExitStack() as stack:
+            for device_type, enabled, dtype in self.settings:
+                stack.enter_context(
+                    torch.autocast(device_type, dtype, enabled, cache_enabled=self.cache_enabled)
+                )
+            yield
+
+
+@dataclass(frozen=True)
+class BufferWatch:
+    """Buffers of a module and their version counters, to find which ones a forward wrote."""
+
+    owners: tuple[nn.Module, ...]
+    versions: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def start(cls, owners: tuple[nn.Module, ...]) -> BufferWatch:
+        """Watch the buffers of ``owners`` (see :func:`buffer_owners`)."""
+        versions = tuple(tuple(b._version for b in _own_buffers(m)) for m in owners)
+        return cls(owners, versions)
+
+    def written(self) -> tuple[Tensor, ...]:
+        """All buffers of every submodule that wrote any of its buffers since :meth:`start`.
+
+        NOTE [buffer writes]: a whole submodule counts as written when one of its buffers'
+        version changed, because kernels such as batch norm update ``running_mean`` without
+        bumping its version; ``num_batches_tracked`` is bumped and gives the module away.
+        """
+        out: list[Tensor] = []
+        for owner, before in zip(self.owners, self.versions):
+            buffers = _own_buffers(owner)
+            if tuple(b._version for b in buffers) != before:
+                out.extend(buffers)
+        return tuple(out)
+
+
+def buffer_owners(module: nn.Module) -> tuple[nn.Module, ...]:
+    """The submodules of ``module`` (itself included) that hold buffers."""
+    return tuple(m for m in module.modules() if m._buffers)
+
+
+def _own_buffers(module: nn.Module) -> list[Tensor]:
+    return [b for b in module._buffers.values() if b is not None]
+
+
+@contextmanager
+def buffers_preserved(buffers: tuple[Tensor, ...]) -> Iterator[None]:
+    """Undo any write to ``buffers`` made in the body (running statistics, step counters).
+
+    NOTE [buffers once]: the recomputation would update batch-norm statistics a second time;
+    restoring them afterwards keeps the update the forward made, exactly once per step.
+    """
+    if not buffers:
+        yield
+        return
+    saved = [b.detach().clone() for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(buffers, saved):
+                buffer.copy_(value)

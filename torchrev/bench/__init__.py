@@ -1,0 +1,5 @@
+"""Importable measuring code for benchmarks and tests: memory tracking and timing."""
+
+from .memory import LiveTensorBytes as LiveTensorBytes
+from .memory import peak_live_bytes as peak_live_bytes
+from .timing import interleaved_medians as interleaved_medians

@@ -1,0 +1,55 @@
+"""Momentum coupling (MomentumNet, Sander et al. 2021)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor, nn
+
+from .._core.coupling import AbstractCoupling
+
+
+class MomentumCoupling(AbstractCoupling):
+    r"""A residual block with momentum, on streams ``(v, x)``: velocity first, then position.
+
+    .. math::
+        v' = \gamma v + (1 - \gamma) f(x), \qquad x' = x + v'
+
+    with inverse :math:`x = x' - v'`, :math:`v = (v' - (1 - \gamma) f(x)) / \gamma`. A ResNet is
+    the limit :math:`\gamma = 0`, which is not invertible; the inverse divides by
+    :math:`\gamma`, so a small ``gamma`` costs precision (about :math:`1/\gamma` per block).
+    Start the velocity at zeros and read the position stream at the end.
+    """
+
+    def __init__(self, f: nn.Module, gamma: float = 0.9) -> None:
+        super().__init__(f, nn.Identity())
+        if not 0 < gamma < 1:
+            raise ValueError(
+                f"MomentumCoupling(gamma={gamma}) must lie strictly between 0 and 1: gamma=0 "
+                f"is a ResNet, which cannot be inverted, and gamma=1 ignores f."
+            )
+        self.gamma = float(gamma)
+
+    @classmethod
+    def from_factory(cls, make: Callable[[int], nn.Module], **options: Any) -> MomentumCoupling:
+        return cls(make(1), **options)
+
+    def update(self, x: Tensor, h: Tensor, half: int) -> Tensor:
+        return self.gamma * x + (1 - self.gamma) * h if half == 0 else x + h
+
+    def revert(self, y: Tensor, h: Tensor, half: int) -> Tensor:
+        return (y - (1 - self.gamma) * h) / self.gamma if half == 0 else y - h
+
+    def revert_(self, y: Tensor, h: Tensor, half: int) -> Tensor:
+        if half == 0:
+            return y.sub_(h, alpha=1 - self.gamma).div_(self.gamma)
+        return y.sub_(h)
+
+    def update_vjp(self, x: Tensor, h: Tensor, d_y: Tensor, half: int) -> tuple[Tensor, Tensor]:
+        if half == 0:
+            return self.gamma * d_y, (1 - self.gamma) * d_y
+        return d_y, d_y
+
+    def extra_repr(self) -> str:
+        return f"gamma={self.gamma}"
