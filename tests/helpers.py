@@ -56,12 +56,18 @@ def run_step(
     reversible: bool,
     **kwargs,
 ) -> tuple[Tensor, ...]:
-    """Outputs of one forward of ``stack`` and a fixed linear loss, reversible or plain."""
-    stack.reversible = reversible
+    """Outputs of one forward of ``stack`` and a fixed linear loss, reversible or plain.
+
+    Every reversible stack inside ``stack`` (nested ones too) switches mode together.
+    """
+    stacks = [m for m in stack.modules() if isinstance(m, torchrev.ReversibleSequential)]
+    for s in stacks:
+        s.reversible = reversible
     try:
         outputs = stack(*inputs, **kwargs)
     finally:
-        stack.reversible = True
+        for s in stacks:
+            s.reversible = True
     loss = sum((o * w).sum() for o, w in zip(outputs, weights))
     return outputs, loss
 

@@ -130,3 +130,27 @@ def test_custom_coupling_with_its_own_parameters():
     couplings = [LearnedScale(mlp(6), mlp(6), 6) for _ in range(3)]
     stack = torchrev.ReversibleSequential(*couplings).to(F64)
     compare_with_plain(stack, streams(4, 6), rtol=1e-10)
+
+
+def test_slices_are_stacks():
+    stack = stack_of(torchrev.AdditiveCoupling, 5)
+    head = stack[1:3]
+    assert isinstance(head, torchrev.ReversibleSequential) and len(head) == 2
+    compare_with_plain(head, streams(4, 6), rtol=1e-10)
+
+
+class Nested(nn.Module):
+    """A branch that is itself a reversible stack on a split of its input."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = torchrev.ReversibleStage(stack_of(torchrev.AdditiveCoupling, 2, width=3))
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def test_nested_reversible_stacks():
+    couplings = [torchrev.AdditiveCoupling(Nested(), Nested()) for _ in range(3)]
+    stack = torchrev.ReversibleSequential(*couplings).to(F64)
+    compare_with_plain(stack, streams(4, 6), rtol=1e-10)

@@ -38,6 +38,11 @@ class ReversibleSequential(nn.ModuleList):
             _check_coupling(coupling, index)
         self.reversible = reversible
 
+    def __getitem__(self, index: int | slice) -> Any:
+        if isinstance(index, slice):
+            return ReversibleSequential(*list(self)[index], reversible=self.reversible)
+        return super().__getitem__(index)
+
     def forward(self, x1: Tensor, x2: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
         _check_streams("forward", x1, x2)
         couplings = list(self)
