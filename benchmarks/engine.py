@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 import torchrev
-from torchrev.bench import interleaved_medians, peak_live_bytes
+from torchrev.bench import interleaved_medians, peak_live_bytes, retain_freed_memory
 
 RESULTS = Path(__file__).parent / "results"
 MiB = 2**20
@@ -161,6 +161,9 @@ def measure_time(
 
 def run(args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device)
+    args.malloc = "system default"
+    if device.type == "cpu" and not args.system_malloc and retain_freed_memory():
+        args.malloc = "glibc keeps freed memory (mallopt)"
     methods = available_methods()
     rows: list[dict] = []
     for width in args.widths:
@@ -216,7 +219,7 @@ def describe(args: argparse.Namespace) -> str:
         f"torch {torch.__version__}, {device.type} ({where or platform.machine()}), "
         f"{torch.get_num_threads()} threads; memory at batch {args.batch}; time at width "
         f"{args.time_width}, batch {args.time_batch}, median of {args.repeats} interleaved "
-        f"repeats, as a ratio to plain autograd"
+        f"repeats, as a ratio to plain autograd; allocator: {args.malloc}"
     )
 
 
@@ -227,7 +230,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--time-width", type=int, default=256)
     parser.add_argument("--time-batch", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help="time with glibc's default of returning freed memory to the system",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--tag", default=None, help="results file name (default: the device)")

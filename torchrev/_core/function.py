@@ -28,7 +28,7 @@ from torch.func import functional_call
 
 from .coupling import AbstractCoupling
 from .errors import DOUBLE_BACKWARD, SECOND_BACKWARD, ReversibilityError
-from .state import AutocastState, BufferWatch, RngState, buffer_owners, buffers_preserved
+from .state import AutocastState, BufferWatch, RngState, buffers_preserved
 
 Grads = list[Tensor | None]
 
@@ -99,7 +99,7 @@ class _Step:
         self.half = k % 2
         self.call = call
         self.n_params = len(params)
-        self.hooked = any(p._backward_hooks for p in params)
+        self.hooked = any(p._backward_hooks for p in params)  # only branch parameters can be
         self.owners = owners
         self.rng: RngState | None = None
         self.written: tuple[Tensor, ...] = ()
@@ -267,26 +267,36 @@ def reversible_forward(
     tensors = [kwargs[name] for name in call.tensor_names]
     previous, current = x1, x2
     for index, coupling in enumerate(couplings):
-        for half, params in enumerate(_step_parameters(coupling)):
-            owners = buffer_owners(coupling.branch(half))
+        for half, (params, owners) in enumerate(_step_contents(coupling)):
             step = _Step(coupling, 2 * index + half, call, params, owners)
             result = _StepFunction.apply(step, previous, current, *params, *tensors)
             previous, current = (current, result) if not step.last else result
     return previous, current
 
 
-def _step_parameters(coupling: AbstractCoupling) -> tuple[list[Tensor], list[Tensor]]:
-    """Trainable parameters each half may use: all but those only the other branch has."""
-    f = {id(p) for p in coupling.f.parameters()}
-    g = {id(p) for p in coupling.g.parameters()}
-    trainable = [p for p in coupling.parameters() if p.requires_grad]
-    if any(p._backward_hooks and id(p) not in f | g for p in trainable):
+def _step_contents(coupling: AbstractCoupling) -> list[tuple[list[Tensor], tuple[nn.Module, ...]]]:
+    """Per half: the trainable parameters it may use and the submodules holding buffers.
+
+    A half may use its branch's parameters and the coupling's own (those outside f and g, used
+    by ``update``); it never uses those that only the other branch has. One walk per branch:
+    this runs on every call, and a parameter's ``requires_grad`` may change between calls.
+    """
+    modules = (coupling.f, coupling.g)
+    walks = [list(branch.modules()) for branch in modules]
+    own = [p for p in coupling._parameters.values() if p is not None]
+    for child in coupling.children():
+        if child is not coupling.f and child is not coupling.g:
+            own.extend(child.parameters())
+    if any(p.requires_grad and p._backward_hooks for p in own):
         raise ReversibilityError(
             f"a parameter of {type(coupling).__name__} outside f and g has a tensor hook "
             f"(register_hook); the reversible backward would run it twice. Register the hook "
             f"with register_post_accumulate_grad_hook, or on a parameter of f or g."
         )
-    return (
-        [p for p in trainable if id(p) not in g - f],
-        [p for p in trainable if id(p) not in f - g],
-    )
+    contents = []
+    for walk in walks:
+        params = {id(p): p for m in walk for p in m._parameters.values() if p is not None}
+        params.update((id(p), p) for p in own)
+        trainable = [p for p in params.values() if p.requires_grad]
+        contents.append((trainable, tuple(m for m in walk if m._buffers)))
+    return contents

@@ -91,6 +91,11 @@ class AutocastState:
 
     @contextmanager
     def replayed(self) -> Iterator[None]:
+        if not any(enabled for _, enabled, _ in self.settings) and not any(
+            torch.is_autocast_enabled(device_type) for device_type, _, _ in self.settings
+        ):
+            yield  # off then and off now: nothing to replay
+            return
         with ExitStack() as stack:
             for device_type, enabled, dtype in self.settings:
                 stack.enter_context(
@@ -108,7 +113,7 @@ class BufferWatch:
 
     @classmethod
     def start(cls, owners: tuple[nn.Module, ...]) -> BufferWatch:
-        """Watch the buffers of ``owners`` (see :func:`buffer_owners`)."""
+        """Watch the buffers of ``owners``, the submodules that hold any."""
         versions = tuple(tuple(b._version for b in _own_buffers(m)) for m in owners)
         return cls(owners, versions)
 
@@ -125,11 +130,6 @@ class BufferWatch:
             if tuple(b._version for b in buffers) != before:
                 out.extend(buffers)
         return tuple(out)
-
-
-def buffer_owners(module: nn.Module) -> tuple[nn.Module, ...]:
-    """The submodules of ``module`` (itself included) that hold buffers."""
-    return tuple(m for m in module.modules() if m._buffers)
 
 
 def _own_buffers(module: nn.Module) -> list[Tensor]:

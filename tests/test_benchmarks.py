@@ -1,0 +1,44 @@
+"""The benchmark scripts run (at toy sizes) and write what the README says they write."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_engine_benchmark_writes_results(tmp_path):
+    engine = load("engine")
+    engine.main(
+        [
+            "--widths",
+            "8",
+            "--depths",
+            "2",
+            "6",
+            "--batch",
+            "4",
+            "--time-width",
+            "8",
+            "--time-batch",
+            "4",
+            "--repeats",
+            "1",
+            "--out",
+            str(tmp_path),
+            "--tag",
+            "toy",
+        ]
+    )
+    rows = json.loads((tmp_path / "toy.json").read_text())["rows"]
+    memory = {(r["method"], r["depth"]): r["live_mib"] for r in rows if "live_mib" in r}
+    assert memory[("torchrev", 2)] == memory[("torchrev", 6)]
+    assert memory[("plain autograd", 6)] > memory[("torchrev", 6)]
+    assert (tmp_path / "toy.csv").exists() and "| torchrev |" in (tmp_path / "toy.md").read_text()
