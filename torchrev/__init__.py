@@ -4,6 +4,7 @@ Training a reversible stack stores no per-block activations: backward rebuilds e
 input from its output and recomputes the block once, and the gradients equal plain autograd's.
 """
 
+from ._core.block import AbstractReversibleBlock as AbstractReversibleBlock
 from ._core.checks import BlockReport as BlockReport
 from ._core.checks import ReversibilityReport as ReversibilityReport
 from ._core.checks import check_reversibility as check_reversibility

@@ -1,1 +1,1 @@
-"""The engine: couplings' contract, the reversible autograd node, stacks. Imports only torch."""
+"""The engine: the reversible-block contract, the autograd nodes, stacks. Imports only torch."""

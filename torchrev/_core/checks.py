@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .function import Trace, reversible_forward
-from .sequence import ReversibleSequential, _check_streams
+from .sequence import ReversibleSequential
 from .state import RngState, buffers_preserved
 
 
@@ -69,63 +69,62 @@ class ReversibilityReport:
 
 
 def check_reversibility(
-    stack: ReversibleSequential, x1: Tensor, x2: Tensor, **kwargs: Any
+    stack: ReversibleSequential, *streams: Tensor, **kwargs: Any
 ) -> ReversibilityReport:
     """Run one training step of ``stack`` both reversibly and under plain autograd, and compare.
 
     For each block it reports how far the inputs the backward rebuilt are from those the
     forward computed, and how far the gradients of its parameters are from plain autograd's
-    (and, overall, those of the inputs and differentiable kwargs). Both runs start from the
-    same RNG state and the same buffers, and the stack's buffers and the caller's RNG are left
-    as they were. A block whose ``f`` or ``g`` is not deterministic,
-    reads state it does not own, or is badly conditioned (a small scale in a scaled coupling)
-    shows up as a large reconstruction error at that block; a branch that closes over a tensor
-    requiring grad (which the reversible backward cannot see) is counted in
-    ``untracked_leaves``. Run it in float64 to separate bugs from
-    rounding, and in your training dtype to see what rounding costs.
+    (and, overall, those of the input streams and differentiable kwargs). Both runs start from
+    the same RNG state and the same buffers; the stack's buffers and the caller's RNG are left
+    as they were. A block whose branches are not deterministic, read state they do not own, or
+    are badly conditioned (a small scale in a scaled coupling) shows up as a large
+    reconstruction error at that block; a branch that closes over a tensor requiring grad
+    (which the reversible backward cannot see) is counted in ``untracked_leaves``. Run it in
+    float64 to separate bugs from rounding, and in your training dtype to see what rounding
+    costs.
     """
-    _check_streams("check_reversibility", x1, x2)
-    couplings = list(stack)
-    x1 = x1.detach().requires_grad_()
-    x2 = x2.detach().requires_grad_()
+    blocks = list(stack)
+    if blocks:
+        blocks[0].check_streams(streams, "check_reversibility")
+    inputs = [s.detach().requires_grad_() for s in streams]
     extras = [v for v in kwargs.values() if isinstance(v, Tensor) and v.requires_grad]
     params = [p for p in stack.parameters() if p.requires_grad]
-    start = RngState.capture(x1.device)
-    weights = _loss_weights(x1)
+    start = RngState.capture(inputs[0].device)
+    weights = _loss_weights(inputs)
 
     def step(reversible: bool) -> tuple[list[Tensor | None], Trace, int]:
         trace = Trace()
         with start.replayed(), buffers_preserved(tuple(stack.buffers())), torch.enable_grad():
             if reversible:
-                y1, y2 = reversible_forward(couplings, x1, x2, kwargs, trace=trace)
+                outputs = reversible_forward(blocks, inputs, kwargs, trace=trace)
             else:
-                y1, y2 = x1, x2
-                for coupling in couplings:
-                    y1, y2 = coupling(y1, y2, **kwargs)
-            loss = (y1 * weights[0]).sum() + (y2 * weights[1]).sum()
-            known = {id(t) for t in (x1, x2, *extras, *params)}
+                outputs = tuple(inputs)
+                for block in blocks:
+                    outputs = block(*outputs, **kwargs)
+            loss = sum((y * w).sum() for y, w in zip(outputs, weights))
+            known = {id(t) for t in (*inputs, *extras, *params)}
             untracked = sum(id(leaf) not in known for leaf in _graph_leaves(loss))
-            grads = torch.autograd.grad(loss, [x1, x2, *extras, *params], allow_unused=True)
+            grads = torch.autograd.grad(loss, [*inputs, *extras, *params], allow_unused=True)
         return list(grads), trace, untracked
 
     plain_grads, _, untracked = step(reversible=False)
     rev_grads, trace, _ = step(reversible=True)
     floor = 1e-3 * max((g.abs().max().item() for g in plain_grads if g is not None), default=0)
-    n_inputs = 2 + len(extras)
+    n_inputs = len(inputs) + len(extras)
 
     def grad_error(i: int) -> float:
         return _relative_error(rev_grads[i], plain_grads[i], floor)
 
-    by_block = _params_by_block(couplings, params)
-    blocks = []
-    for index in range(len(couplings)):
-        recon = max(
-            _relative_error(trace.rebuilt[j], trace.forward[j]) for j in (2 * index - 1, 2 * index)
-        )
+    by_block = _params_by_block(blocks, params)
+    reports = []
+    for index in range(len(blocks)):
+        pairs = zip(trace.rebuilt[index], trace.forward[index])
+        recon = max(_relative_error(rebuilt, computed) for rebuilt, computed in pairs)
         grad = max((grad_error(n_inputs + i) for i in by_block[index]), default=0.0)
-        blocks.append(BlockReport(index, recon, grad))
+        reports.append(BlockReport(index, recon, grad))
     inputs_error = max(grad_error(i) for i in range(n_inputs))
-    return ReversibilityReport(tuple(blocks), inputs_error, untracked)
+    return ReversibilityReport(tuple(reports), inputs_error, untracked)
 
 
 def _graph_leaves(output: Tensor) -> list[Tensor]:
@@ -144,11 +143,10 @@ def _graph_leaves(output: Tensor) -> list[Tensor]:
     return leaves
 
 
-def _loss_weights(like: Tensor) -> tuple[Tensor, Tensor]:
+def _loss_weights(streams: list[Tensor]) -> list[Tensor]:
+    """Fixed random weights, one per stream: the loss is a random linear function."""
     generator = torch.Generator().manual_seed(0)
-    shape = (2, *like.shape)
-    weights = torch.randn(shape, generator=generator, dtype=torch.float64)
-    return weights[0].to(like), weights[1].to(like)
+    return [torch.randn(s.shape, generator=generator, dtype=torch.float64).to(s) for s in streams]
 
 
 def _params_by_block(couplings: list, params: list[Tensor]) -> list[list[int]]:

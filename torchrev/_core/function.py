@@ -1,18 +1,15 @@
-"""The reversible engine: no-grad forward, one recomputation per half-step in backward.
+"""The reversible engine: no-grad forward, one recomputation per step in backward.
 
-A stack of couplings is one chain of half-steps over a single sequence of stream values,
-
-    z[-1] = x1,  z[0] = x2,  z[k+1] = update_k(z[k-1], branch_k(z[k])),
-
-where step ``2i`` is block ``i``'s ``f`` half and step ``2i + 1`` its ``g`` half, so block ``i``
-maps ``(z[2i-1], z[2i])`` to ``(z[2i+1], z[2i+2])``. Each step is one autograd node
-(:class:`_StepFunction`) that stores none of its inputs. In backward, step ``k`` reads its
-output ``z[k+1]`` and its condition ``z[k]``, recomputes ``branch_k(z[k])`` with grad (the only
-recomputation), rebuilds ``z[k-1] = update_k^{-1}(z[k+1], branch_k(z[k]))`` and hands it down
-through a per-call :class:`_Tape`. Autograd itself sums the gradients that reach each ``z``
-from its two consumers and accumulates each half's parameter gradients before the next half
-is recomputed, so at any moment only one branch's activations and gradients are alive.
-A training step costs about four forwards against plain autograd's three.
+A stack of reversible blocks is one chain of steps over a tuple of streams; step ``k`` replaces
+stream ``t`` by ``update(s[t], branch(s[S]))`` (see :class:`AbstractReversibleBlock`; a coupling
+is two steps). Each step is one autograd node (:class:`_StepFunction`) that stores none of its
+inputs; a last node (:class:`_Outputs`) keeps the final streams. In backward, step ``k`` reads
+the current value of every stream from a per-call :class:`_Tape`, recomputes its branch with
+grad (the only recomputation), rebuilds ``s[t] = revert(s[t], branch(s[S]))`` in place, and
+differentiates the branch. Autograd itself sums the gradients that reach a stream value from
+its consumers, and accumulates each step's parameter gradients before the next step is
+recomputed, so at any moment one branch's activations and gradients are alive. A training step
+costs about four forwards against plain autograd's three.
 """
 
 from __future__ import annotations
@@ -26,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .coupling import AbstractCoupling
+from .block import AbstractReversibleBlock
 from .errors import DOUBLE_BACKWARD, SECOND_BACKWARD, ReversibilityError
 from .state import AutocastState, BufferWatch, RngState, buffers_preserved
 
@@ -35,30 +32,28 @@ Grads = list[Tensor | None]
 
 @dataclass
 class Trace:
-    """Stream values ``z[j]`` of one call, as computed forward and as rebuilt in backward."""
+    """Each block's input streams, as computed forward and as rebuilt in backward."""
 
-    forward: dict[int, Tensor] = field(default_factory=dict)
-    rebuilt: dict[int, Tensor] = field(default_factory=dict)
+    forward: dict[int, tuple[Tensor, ...]] = field(default_factory=dict)
+    rebuilt: dict[int, tuple[Tensor, ...]] = field(default_factory=dict)
 
 
 class _Tape:
-    """The stream values ``z[j]`` a backward still needs, keyed by ``j``.
+    """The value every stream has at the point the backward has reached.
 
-    NOTE [tape]: ``z[j]`` enters the tape when it becomes known (at the end of the forward for
-    the two outputs; otherwise when step ``j + 1`` rebuilds it) and leaves it when its last
-    reader is done: step ``j - 1``, which reads it as output, or step ``j`` when no step
-    ``j - 1`` will run. A missing value in backward therefore means this forward was already
-    backpropagated, which is an error, not a reason to recompute.
+    NOTE [tape]: the last node stores the final streams; each step's backward overwrites its
+    target stream with the value it had before the step, and the lowest step that runs clears
+    the tape. Steps run backward in exactly the reverse order of the forward because each step
+    node takes the previous step's output as an input (see reversible_forward). An empty tape
+    in backward therefore means this forward was already backpropagated: an error, not a
+    reason to recompute.
     """
 
-    def __init__(self) -> None:
-        self._values: dict[int, Tensor] = {}
+    def __init__(self, n_streams: int) -> None:
+        self.values: list[Tensor | None] = [None] * n_streams
 
-    def put(self, j: int, value: Tensor) -> None:
-        self._values[j] = value
-
-    def get(self, j: int, release: bool) -> Tensor:
-        value = self._values.pop(j, None) if release else self._values.get(j)
+    def get(self, j: int) -> Tensor:
+        value = self.values[j]
         if value is None:
             raise ReversibilityError(SECOND_BACKWARD)
         return value
@@ -68,10 +63,9 @@ class _Call:
     """What the steps of one stack call share: the tape, the replay state, the kwargs."""
 
     def __init__(
-        self, n_steps: int, device: torch.device, kwargs: dict[str, Any], trace: Trace | None
+        self, n_streams: int, device: torch.device, kwargs: dict[str, Any], trace: Trace | None
     ) -> None:
-        self.n_steps = n_steps
-        self.tape = _Tape()
+        self.tape = _Tape(n_streams)
         self.trace = trace  # diagnostics only
         self.device = device
         self.autocast = AutocastState.capture(device)
@@ -84,127 +78,131 @@ class _Call:
 
 
 class _Step:
-    """Half-step ``k`` of one call: what its forward recorded for its backward."""
+    """Step ``index`` of block number ``block_index`` in one call, and what its forward recorded."""
 
     def __init__(
         self,
-        coupling: AbstractCoupling,
-        k: int,
+        block: AbstractReversibleBlock,
+        block_index: int,
+        index: int,
         call: _Call,
         params: list[Tensor],
         owners: tuple[nn.Module, ...],
     ) -> None:
-        self.coupling = coupling
-        self.k = k
-        self.half = k % 2
-        self.call = call
+        self.block, self.block_index, self.index, self.call = block, block_index, index, call
+        self.target, self.sources = block.steps[index]
         self.n_params = len(params)
         self.hooked = any(p._backward_hooks for p in params)  # only branch parameters can be
         self.owners = owners
+        self.sequenced = False  # whether the previous step's output is an extra last input
+        self.lowest = False  # whether no earlier step will run backward
         self.rng: RngState | None = None
         self.written: tuple[Tensor, ...] = ()
 
-    @property
-    def last(self) -> bool:
-        return self.k == self.call.n_steps - 1
-
-    def forward(self, inp: Tensor, cond: Tensor, leaves: Sequence[Tensor]) -> Tensor:
-        coupling, call = self.coupling, self.call
+    def forward(self, inp: Tensor, sources: Sequence[Tensor], leaves: Sequence[Tensor]) -> Tensor:
+        block, call = self.block, self.call
         kwargs = call.kwargs(leaves[self.n_params :])
         before = call.rng
         watch = BufferWatch.start(self.owners)
-        h = coupling.run_branch(self.half, cond, inp, kwargs)
+        h = block.run_branch(self.index, sources, inp, kwargs)
         after = RngState.capture(call.device)
         # Keep the state only if the branch drew random numbers (dropout); most do not.
         self.rng = None if after.same_as(before) else before
         call.rng = after
         self.written = watch.written()
-        out = coupling.update(inp, h, self.half)
-        if call.trace is not None:
-            call.trace.forward[self.k + 1] = out.clone()
-        return out
+        return block.update(inp, h, self.index)
 
     def backward(
-        self, d_out: Tensor, leaves: Sequence[Tensor], needs: Sequence[bool]
-    ) -> tuple[Tensor | None, Tensor | None, Grads]:
-        """Rebuild ``z[k-1]`` and return the gradients for ``(z[k-1], z[k], *leaves)``."""
-        k, tape = self.k, self.call.tape
-        want_inp, want_cond = needs[0], needs[1]
-        out = tape.get(k + 1, release=True)
-        # z[k] has a later reader, step k - 1, exactly when it requires grad (and k > 0).
-        cond = tape.get(k, release=k == 0 or not want_cond)
+        self, d_out: Tensor | None, leaves: Sequence[Tensor], needs: Sequence[bool]
+    ) -> tuple[Tensor | None, Grads, Grads]:
+        """Rebuild the target stream; gradients for ``(inp, *sources, *leaves)``."""
+        tape, n_sources = self.call.tape, len(self.sources)
+        # No gradient reached this step's output (the loss ignores it): the stream is still
+        # rebuilt for the steps below, but nothing is differentiated, as in plain autograd.
+        live = d_out is not None
+        want_inp = live and needs[0]
+        want_sources = [live and need for need in needs[1 : 1 + n_sources]]
+        out = tape.get(self.target)
+        sources = [tape.get(j) for j in self.sources]
         # Differentiable kwargs enter the recomputation as fresh leaves, so that hooks on the
         # caller's tensors run once, in the outer backward, and nowhere else.
         params = list(leaves[: self.n_params])
         extras = [t.detach().requires_grad_(t.requires_grad) for t in leaves[self.n_params :]]
-        targets = [leaf for leaf, need in zip(params + extras, needs[2:]) if need]
+        leaf_needs = needs[1 + n_sources : 1 + n_sources + len(leaves)]
+        targets = [leaf for leaf, need in zip(params + extras, leaf_needs) if live and need]
         with self.call.autocast.replayed():
-            inp, d_inp, d_cond, grads = self._recompute_and_differentiate(
-                out, cond, d_out, want_inp, want_cond, targets, self.call.kwargs(extras)
+            inp, d_inp, d_sources, grads = self._recompute_and_differentiate(
+                out, sources, d_out, want_inp, want_sources, targets, self.call.kwargs(extras)
             )
-        if k >= 1 and (want_inp or want_cond):
-            tape.put(k - 1, inp)
-        if self.call.trace is not None:
-            self.call.trace.rebuilt[k - 1] = inp.clone()
-        summed = iter(grads)
-        return d_inp, d_cond, [next(summed) if need else None for need in needs[2:]]
+        tape.values[self.target] = inp
+        if self.call.trace is not None and self.index == 0:
+            self.call.trace.rebuilt[self.block_index] = tuple(v.clone() for v in tape.values)
+        if self.lowest:
+            tape.values = [None] * len(tape.values)
+        computed = iter(grads)
+        leaf_grads = [next(computed) if live and need else None for need in leaf_needs]
+        return d_inp, d_sources, leaf_grads
 
     def _recompute_and_differentiate(
         self,
         out: Tensor,
-        cond: Tensor,
-        d_out: Tensor,
+        sources: list[Tensor],
+        d_out: Tensor | None,
         want_inp: bool,
-        want_cond: bool,
+        want_sources: list[bool],
         targets: list[Tensor],
         kwargs: dict[str, Any],
-    ) -> tuple[Tensor, Tensor | None, Tensor | None, Grads]:
-        coupling, half = self.coupling, self.half
+    ) -> tuple[Tensor, Tensor | None, Grads, Grads]:
+        block, index = self.block, self.index
         # Buffers are restored only after autograd.grad: batch norm's graph saves its running
         # statistics, and restoring them earlier would trip autograd's version check.
         with buffers_preserved(self.written):
-            with torch.enable_grad(), nullcontext() if self.rng is None else self.rng.replayed():
-                cond_ = cond.detach().requires_grad_(want_cond)
-                # The branch sees a non-leaf view: module hooks that watch their inputs'
+            differentiate = d_out is not None and (want_inp or any(want_sources) or targets)
+            replay = nullcontext() if self.rng is None else self.rng.replayed()
+            with torch.set_grad_enabled(bool(differentiate)), replay:
+                leaves = [s.detach().requires_grad_(w) for s, w in zip(sources, want_sources)]
+                # The branch sees non-leaf views: module hooks that watch their inputs'
                 # gradients (torch's ModuleTracker, FlopCounterMode) reject leaves here.
-                h, targets = self._recompute_branch(
-                    cond_.view_as(cond_) if want_cond else cond_, kwargs, targets
-                )
+                views = [s.view_as(s) if w else s for s, w in zip(leaves, want_sources)]
+                h, targets = self._recompute_branch(views, kwargs, targets)
             with torch.no_grad():
-                # NOTE [in-place revert]: z[k+1] has no reader after this step (see _Tape), and
-                # it is always the engine's own tensor: the caller holds copies of the outputs.
-                inp = coupling.revert_(out, h, half)
-                vjp = coupling.update_vjp(inp, h, d_out, half)
-            wanted = [cond_] if want_cond else []
+                # NOTE [in-place revert]: the tape's value of the target stream has no other
+                # reader, and it is always the engine's own tensor: the caller holds copies of
+                # the outputs, and every earlier value was rebuilt here.
+                inp = block.revert_(out, h, index)
+                if d_out is None or not differentiate:
+                    return inp, None, [None] * len(sources), [None] * len(targets)
+                vjp = block.update_vjp(inp, h, d_out, index)
+            wanted = [s for s, w in zip(leaves, want_sources) if w]
             if vjp is not None:
                 d_inp, d_h = vjp
                 grads = _grad(h, wanted + targets, d_h)
             else:
                 with torch.enable_grad():
                     inp_ = inp.detach().requires_grad_(want_inp)
-                    out_ = coupling.update(inp_, h, half)
+                    out_ = block.update(inp_, h, index)
                 grads = _grad(out_, ([inp_] if want_inp else []) + wanted + targets, d_out)
                 d_inp = grads.pop(0) if want_inp else None
-        d_cond = grads.pop(0) if want_cond else None
-        return inp, d_inp if want_inp else None, d_cond, grads
+        d_sources = [grads.pop(0) if w else None for w in want_sources]
+        return inp, d_inp if want_inp else None, d_sources, grads
 
     def _recompute_branch(
-        self, cond: Tensor, kwargs: dict[str, Any], targets: list[Tensor]
+        self, sources: list[Tensor], kwargs: dict[str, Any], targets: list[Tensor]
     ) -> tuple[Tensor, list[Tensor]]:
-        """``branch(cond)`` with grad, and the tensors to differentiate for ``targets``."""
-        branch = self.coupling.branch(self.half)
+        """The branch's output with grad, and the tensors to differentiate for ``targets``."""
+        branch = self.block.branch(self.index)
         if not self.hooked:
-            return branch(cond, **kwargs), targets
+            return branch(*sources, **kwargs), targets
+        # NOTE [hooks once]: autograd.grad runs a parameter's tensor hooks when it captures its
+        # gradient, and the outer backward runs them again on what this node returns. A hooked
+        # parameter is therefore swapped for a detached alias during the recomputation, and its
+        # gradient is read off the alias.
         hooked = {
             id(p): (name, p.detach().requires_grad_())
             for name, p in branch.named_parameters()
             if p.requires_grad and p._backward_hooks
         }
-        # NOTE [hooks once]: autograd.grad runs a parameter's tensor hooks when it captures its
-        # gradient, and the outer backward runs them again on what this node returns. A hooked
-        # parameter is therefore swapped for a detached alias during the recomputation, and its
-        # gradient is read off the alias.
-        h = functional_call(branch, dict(hooked.values()), (cond,), kwargs)
+        h = functional_call(branch, dict(hooked.values()), tuple(sources), kwargs)
         return h, [hooked[id(t)][1] if id(t) in hooked else t for t in targets]
 
 
@@ -215,83 +213,100 @@ def _grad(output: Tensor, inputs: list[Tensor], grad_output: Tensor) -> Grads:
 
 
 class _StepFunction(torch.autograd.Function):
-    """One half-step as one autograd node. Inputs: the updated stream, the condition stream,
-    the step's trainable parameters and the call's tensor kwargs, so the engine hands their
-    gradients to autograd (``autograd.grad``, DDP's and users' hooks) rather than writing
-    ``.grad`` itself. The last step also outputs the condition stream, so that any use of
-    either final output runs the whole chain."""
+    """One step as one autograd node. Inputs: the target stream, the source streams, the
+    step's trainable parameters and the call's tensor kwargs (so that the engine hands their
+    gradients to autograd, ``autograd.grad``, DDP's and users' hooks, rather than writing
+    ``.grad`` itself) and, when it is not among those, the previous step's output."""
 
     @staticmethod
-    def forward(ctx: Any, step: _Step, inp: Tensor, cond: Tensor, *leaves: Tensor) -> Any:
+    def forward(ctx: Any, step: _Step, inp: Tensor, *rest: Tensor) -> Tensor:
         ctx.step = step
+        ctx.set_materialize_grads(False)
+        n_sources = len(step.sources)
+        leaves = rest[n_sources : len(rest) - step.sequenced]
         # Saved only so that autograd's version check catches an in-place change of a
         # parameter or kwarg between forward and backward; nothing is copied.
         ctx.save_for_backward(*leaves)
-        out = step.forward(inp, cond, leaves)
-        if not step.last:
-            return out
-        # NOTE [outputs]: the caller gets copies of the final streams, so it may modify them
-        # in place without corrupting what the backward rebuilds everything from.
-        step.call.tape.put(step.k, cond)
-        step.call.tape.put(step.k + 1, out)
-        return cond.clone(), out.clone()
+        return step.forward(inp, rest[:n_sources], leaves)
 
     @staticmethod
-    def backward(ctx: Any, *grads: Tensor) -> Any:
+    def backward(ctx: Any, d_out: Tensor | None) -> Any:
         if torch.is_grad_enabled():
             raise ReversibilityError(DOUBLE_BACKWARD)
         step: _Step = ctx.step
-        d_inp, d_cond, leaf_grads = step.backward(
-            grads[-1], ctx.saved_tensors, ctx.needs_input_grad[1:]
+        d_inp, d_sources, leaf_grads = step.backward(
+            d_out, ctx.saved_tensors, ctx.needs_input_grad[1:]
         )
-        if step.last and ctx.needs_input_grad[2]:
-            d_cond = grads[0] if d_cond is None else d_cond + grads[0]
-        return (None, d_inp, d_cond, *leaf_grads)
+        return (None, d_inp, *d_sources, *leaf_grads, *([None] * step.sequenced))
+
+
+class _Outputs(torch.autograd.Function):
+    """The last node: keeps the final streams for backward and gives the caller copies.
+
+    NOTE [outputs]: with copies the caller may modify the outputs in place without corrupting
+    what the backward rebuilds everything from, and because this node takes every final stream,
+    using any one output runs the backward of every step.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, call: _Call, *streams: Tensor) -> tuple[Tensor, ...]:
+        ctx.set_materialize_grads(False)  # an unused output passes None, as in plain autograd
+        call.tape.values = list(streams)
+        return tuple(s.clone() for s in streams)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> Any:
+        return (None, *grads)
 
 
 def reversible_forward(
-    couplings: Sequence[AbstractCoupling],
-    x1: Tensor,
-    x2: Tensor,
+    blocks: Sequence[AbstractReversibleBlock],
+    streams: Sequence[Tensor],
     kwargs: dict[str, Any],
     trace: Trace | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Run ``couplings`` on ``(x1, x2)`` keeping no activations; backward recomputes them.
+) -> tuple[Tensor, ...]:
+    """Run ``blocks`` on ``streams`` keeping no activations; backward recomputes them.
 
-    ``trace``, if given, receives every stream value ``z[j]`` as computed and as rebuilt (block
-    ``i``'s inputs are ``z[2i - 1]`` and ``z[2i]``).
+    ``trace``, if given, receives each block's input streams, as computed and as rebuilt.
     """
-    call = _Call(2 * len(couplings), x1.device, kwargs, trace)
-    if trace is not None:
-        trace.forward.update({-1: x1, 0: x2})
+    call = _Call(len(streams), streams[0].device, kwargs, trace)
     tensors = [kwargs[name] for name in call.tensor_names]
-    previous, current = x1, x2
-    for index, coupling in enumerate(couplings):
-        for half, (params, owners) in enumerate(_step_contents(coupling)):
-            step = _Step(coupling, 2 * index + half, call, params, owners)
-            result = _StepFunction.apply(step, previous, current, *params, *tensors)
-            previous, current = (current, result) if not step.last else result
-    return previous, current
+    values = list(streams)
+    previous: Tensor | None = None
+    for block_index, block in enumerate(blocks):
+        if trace is not None:
+            trace.forward[block_index] = tuple(v.clone() for v in values)
+        for index, (params, owners) in enumerate(_step_contents(block)):
+            step = _Step(block, block_index, index, call, params, owners)
+            inputs = [values[step.target], *(values[j] for j in step.sources)]
+            # The previous step's output orders the backward (see _Tape) and tells whether an
+            # earlier step will run backward at all.
+            step.lowest = previous is None or not previous.requires_grad
+            step.sequenced = previous is not None and all(previous is not t for t in inputs)
+            extra = [previous] if step.sequenced else []
+            values[step.target] = previous = _StepFunction.apply(
+                step, *inputs, *params, *tensors, *extra
+            )
+    return _Outputs.apply(call, *values)
 
 
-def _step_contents(coupling: AbstractCoupling) -> list[tuple[list[Tensor], tuple[nn.Module, ...]]]:
-    """Per half: the trainable parameters it may use and the submodules holding buffers.
+def _step_contents(
+    block: AbstractReversibleBlock,
+) -> list[tuple[list[Tensor], tuple[nn.Module, ...]]]:
+    """Per step: the trainable parameters it may use, and its submodules holding buffers.
 
-    A half may use its branch's parameters and the coupling's own (those outside f and g, used
-    by ``update``); it never uses those that only the other branch has. One walk per branch:
-    this runs on every call, and a parameter's ``requires_grad`` may change between calls.
+    A step may use its branch's parameters and the block's own (those in no branch, used by
+    ``update``), never those only other branches have. This runs on every call: parameters'
+    ``requires_grad`` may change between calls.
     """
-    modules = (coupling.f, coupling.g)
-    walks = [list(branch.modules()) for branch in modules]
-    own = [p for p in coupling._parameters.values() if p is not None]
-    for child in coupling.children():
-        if child is not coupling.f and child is not coupling.g:
-            own.extend(child.parameters())
+    walks = [list(block.branch(i).modules()) for i in range(len(block.steps))]
+    inside = {id(p) for walk in walks for m in walk for p in m._parameters.values()}
+    own = [p for p in block.parameters() if id(p) not in inside]
     if any(p.requires_grad and p._backward_hooks for p in own):
         raise ReversibilityError(
-            f"a parameter of {type(coupling).__name__} outside f and g has a tensor hook "
+            f"a parameter of {type(block).__name__} outside its branches has a tensor hook "
             f"(register_hook); the reversible backward would run it twice. Register the hook "
-            f"with register_post_accumulate_grad_hook, or on a parameter of f or g."
+            f"with register_post_accumulate_grad_hook, or on a parameter of a branch."
         )
     contents = []
     for walk in walks:

@@ -40,18 +40,21 @@ def interleaved_medians(
     """Median seconds per call of each step, calling them round-robin ``repeats`` times.
 
     Interleaving spreads slow drifts of the machine (thermal, other load) over every method
-    instead of charging them to whichever ran last. ``sync`` waits for asynchronous devices
-    (pass ``torch.cuda.synchronize`` on a GPU).
+    instead of charging them to whichever ran last, and each round starts one method later so
+    that no method always runs right after the same other one (whose leftovers in the caches and
+    the allocator would otherwise help or hurt it every time). ``sync`` waits for asynchronous
+    devices (pass ``torch.cuda.synchronize`` on a GPU).
     """
+    names = list(steps)
     for _ in range(warmup):
         for step in steps.values():
             step()
     sync()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(repeats):
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
             start = time.perf_counter()
-            step()
+            steps[name]()
             sync()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(ts) for name, ts in times.items()}

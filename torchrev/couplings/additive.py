@@ -13,17 +13,17 @@ class AdditiveCoupling(AbstractCoupling):
     The inverse subtracts what the forward added, :math:`x_2 = y_2 - g(y_1)`,
     :math:`x_1 = y_1 - f(x_2)`, so reconstruction error stays at the rounding of one addition
     per step and does not compound with depth. The trade-off against a plain residual block is
-    the split: each branch sees half of the state (or a duplicate of it).
+    the split: each branch sees step of the state (or a duplicate of it).
     """
 
-    def update(self, x: Tensor, h: Tensor, half: int) -> Tensor:
+    def update(self, x: Tensor, h: Tensor, step: int) -> Tensor:
         return x + h
 
-    def revert(self, y: Tensor, h: Tensor, half: int) -> Tensor:
+    def revert(self, y: Tensor, h: Tensor, step: int) -> Tensor:
         return y - h
 
-    def revert_(self, y: Tensor, h: Tensor, half: int) -> Tensor:
+    def revert_(self, y: Tensor, h: Tensor, step: int) -> Tensor:
         return y.sub_(h)
 
-    def update_vjp(self, x: Tensor, h: Tensor, d_y: Tensor, half: int) -> tuple[Tensor, Tensor]:
+    def update_vjp(self, x: Tensor, h: Tensor, d_y: Tensor, step: int) -> tuple[Tensor, Tensor]:
         return d_y, d_y

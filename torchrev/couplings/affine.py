@@ -32,7 +32,7 @@ class AffineCoupling(AbstractCoupling):
     def from_factory(cls, make: Callable[[int], nn.Module], **options: Any) -> AffineCoupling:
         return cls(make(2), make(2), **options)
 
-    def branch_shape(self, stream: Tensor, half: int) -> torch.Size:
+    def branch_shape(self, stream: Tensor, step: int) -> torch.Size:
         shape = list(stream.shape)
         shape[self.dim] *= 2
         return torch.Size(shape)
@@ -41,11 +41,11 @@ class AffineCoupling(AbstractCoupling):
         log_scale, shift = h.chunk(2, dim=self.dim)
         return torch.exp(self.bound * torch.tanh(log_scale / self.bound)), shift
 
-    def update(self, x: Tensor, h: Tensor, half: int) -> Tensor:
+    def update(self, x: Tensor, h: Tensor, step: int) -> Tensor:
         scale, shift = self._scale_shift(h)
         return x * scale + shift
 
-    def revert(self, y: Tensor, h: Tensor, half: int) -> Tensor:
+    def revert(self, y: Tensor, h: Tensor, step: int) -> Tensor:
         scale, shift = self._scale_shift(h)
         return (y - shift) / scale
 

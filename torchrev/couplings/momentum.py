@@ -35,19 +35,19 @@ class MomentumCoupling(AbstractCoupling):
     def from_factory(cls, make: Callable[[int], nn.Module], **options: Any) -> MomentumCoupling:
         return cls(make(1), **options)
 
-    def update(self, x: Tensor, h: Tensor, half: int) -> Tensor:
-        return self.gamma * x + (1 - self.gamma) * h if half == 0 else x + h
+    def update(self, x: Tensor, h: Tensor, step: int) -> Tensor:
+        return self.gamma * x + (1 - self.gamma) * h if step == 0 else x + h
 
-    def revert(self, y: Tensor, h: Tensor, half: int) -> Tensor:
-        return (y - (1 - self.gamma) * h) / self.gamma if half == 0 else y - h
+    def revert(self, y: Tensor, h: Tensor, step: int) -> Tensor:
+        return (y - (1 - self.gamma) * h) / self.gamma if step == 0 else y - h
 
-    def revert_(self, y: Tensor, h: Tensor, half: int) -> Tensor:
-        if half == 0:
+    def revert_(self, y: Tensor, h: Tensor, step: int) -> Tensor:
+        if step == 0:
             return y.sub_(h, alpha=1 - self.gamma).div_(self.gamma)
         return y.sub_(h)
 
-    def update_vjp(self, x: Tensor, h: Tensor, d_y: Tensor, half: int) -> tuple[Tensor, Tensor]:
-        if half == 0:
+    def update_vjp(self, x: Tensor, h: Tensor, d_y: Tensor, step: int) -> tuple[Tensor, Tensor]:
+        if step == 0:
             return self.gamma * d_y, (1 - self.gamma) * d_y
         return d_y, d_y
 

@@ -30,20 +30,20 @@ class ScaledCoupling(AbstractCoupling):
         self.lam = float(lam)
         self.beta = float(beta)
 
-    def _scale(self, half: int) -> float:
-        return self.lam if half == 0 else self.beta
+    def _scale(self, step: int) -> float:
+        return self.lam if step == 0 else self.beta
 
-    def update(self, x: Tensor, h: Tensor, half: int) -> Tensor:
-        return self._scale(half) * x + h
+    def update(self, x: Tensor, h: Tensor, step: int) -> Tensor:
+        return self._scale(step) * x + h
 
-    def revert(self, y: Tensor, h: Tensor, half: int) -> Tensor:
-        return (y - h) / self._scale(half)
+    def revert(self, y: Tensor, h: Tensor, step: int) -> Tensor:
+        return (y - h) / self._scale(step)
 
-    def revert_(self, y: Tensor, h: Tensor, half: int) -> Tensor:
-        return y.sub_(h).div_(self._scale(half))
+    def revert_(self, y: Tensor, h: Tensor, step: int) -> Tensor:
+        return y.sub_(h).div_(self._scale(step))
 
-    def update_vjp(self, x: Tensor, h: Tensor, d_y: Tensor, half: int) -> tuple[Tensor, Tensor]:
-        return self._scale(half) * d_y, d_y
+    def update_vjp(self, x: Tensor, h: Tensor, d_y: Tensor, step: int) -> tuple[Tensor, Tensor]:
+        return self._scale(step) * d_y, d_y
 
     def extra_repr(self) -> str:
         return f"lam={self.lam}, beta={self.beta}"
