@@ -20,5 +20,7 @@ from .couplings import AdditiveCoupling as AdditiveCoupling
 from .couplings import AffineCoupling as AffineCoupling
 from .couplings import MomentumCoupling as MomentumCoupling
 from .couplings import ScaledCoupling as ScaledCoupling
+from .models import create_model as create_model
+from .models import list_models as list_models
 
 __version__ = "0.1.0"

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .block import AbstractReversibleBlock, check_steps
 from .function import reversible_forward
@@ -28,19 +29,32 @@ class ReversibleSequential(nn.ModuleList):
     ``reversible=False``) the blocks run as ordinary modules under plain autograd, with no
     overhead: ``reversible=False`` is the reference the tests compare against.
 
+    ``checkpoint_blocks=True`` (with ``reversible=False``) runs each block under
+    ``torch.utils.checkpoint`` instead, the usual alternative, for comparison.
+
     Contract for branches (``f`` and ``g``): they depend only on their inputs, the keyword
     arguments, and their own parameters and buffers, and give the same output when rerun under
     the same RNG and autocast state. :func:`torchrev.check_reversibility` tests a stack on it.
     """
 
-    def __init__(self, *blocks: AbstractReversibleBlock, reversible: bool = True) -> None:
+    def __init__(
+        self,
+        *blocks: AbstractReversibleBlock,
+        reversible: bool = True,
+        checkpoint_blocks: bool = False,
+    ) -> None:
         super().__init__(blocks)
         _check_blocks(blocks)
         self.reversible = reversible
+        self.checkpoint_blocks = checkpoint_blocks
 
     def __getitem__(self, index: int | slice) -> Any:
         if isinstance(index, slice):
-            return ReversibleSequential(*list(self)[index], reversible=self.reversible)
+            return ReversibleSequential(
+                *list(self)[index],
+                reversible=self.reversible,
+                checkpoint_blocks=self.checkpoint_blocks,
+            )
         return super().__getitem__(index)
 
     def forward(self, *streams: Tensor, **kwargs: Any) -> tuple[Tensor, ...]:
@@ -48,10 +62,14 @@ class ReversibleSequential(nn.ModuleList):
         _check_blocks(blocks)
         if blocks:
             blocks[0].check_streams(streams, "ReversibleSequential.forward")
-        if self.reversible and self.training and self._needs_grad(streams, kwargs):
+        training = self.training and self._needs_grad(streams, kwargs)
+        if self.reversible and training:
             return reversible_forward(blocks, streams, kwargs)
         for block in blocks:
-            streams = block(*streams, **kwargs)
+            if self.checkpoint_blocks and training:
+                streams = checkpoint(block, *streams, use_reentrant=False, **kwargs)
+            else:
+                streams = block(*streams, **kwargs)
         return tuple(streams)
 
     def inverse(self, *streams: Tensor, **kwargs: Any) -> tuple[Tensor, ...]:
@@ -72,7 +90,7 @@ class ReversibleSequential(nn.ModuleList):
         )
 
     def extra_repr(self) -> str:
-        return f"reversible={self.reversible}"
+        return f"reversible={self.reversible}, checkpoint_blocks={self.checkpoint_blocks}"
 
 
 def _check_blocks(blocks: Any) -> None:

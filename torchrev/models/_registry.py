@@ -1,0 +1,74 @@
+"""The model registry: names to factories, plus what tests and tools need to run each model."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from torch import nn
+
+Task = Literal["classification", "segmentation"]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A registered model: its factory and the settings that make it small for tests.
+
+    ``small`` turns the full-size model into one that runs a float64 step in well under a
+    second; ``deeper`` added to ``small`` makes the same model deeper (more blocks, or more
+    columns for RevCol), for checking that activation memory does not grow with depth.
+    """
+
+    name: str
+    factory: Callable[..., nn.Module]
+    task: Task
+    small: dict[str, Any] = field(default_factory=dict)
+    deeper: dict[str, Any] = field(default_factory=dict)
+
+
+_MODELS: dict[str, ModelInfo] = {}
+
+
+def register_model(
+    name: str,
+    task: Task,
+    small: dict[str, Any] | None = None,
+    deeper: dict[str, Any] | None = None,
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator registering ``factory(**kwargs) -> nn.Module`` under ``name``."""
+
+    def add(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _MODELS:
+            raise ValueError(f"model {name!r} is registered twice")
+        _MODELS[name] = ModelInfo(name, factory, task, small or {}, deeper or {})
+        return factory
+
+    return add
+
+
+def list_models() -> list[str]:
+    """Names of every registered model, sorted."""
+    return sorted(_MODELS)
+
+
+def model_info(name: str) -> ModelInfo:
+    """The registry entry for ``name``; unknown names raise with the closest matches."""
+    try:
+        return _MODELS[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, _MODELS, n=3, cutoff=0.4)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(
+            f"unknown model {name!r}.{hint} Known models: {', '.join(list_models())}."
+        ) from None
+
+
+def create_model(name: str, **kwargs: Any) -> nn.Module:
+    """Build the registered model ``name``; keyword arguments override its defaults.
+
+    Every model takes ``reversible: bool = True``: ``reversible=False`` computes the same
+    function with the same parameters through plain autograd.
+    """
+    return model_info(name).factory(**kwargs)
