@@ -17,6 +17,9 @@ class AbstractReversibleModel(nn.Module, ABC):
     for tests and benchmarks.
     """
 
+    #: Input sides (image or volume) must be multiples of this.
+    input_multiple: int = 1
+
     @property
     def reversible(self) -> bool:
         return all(s.reversible for s in self.stacks())

@@ -14,18 +14,19 @@ Task = Literal["classification", "segmentation"]
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """A registered model: its factory and the settings that make it small for tests.
+    """A registered model: its factory and what generic tools need to vary it.
 
     ``small`` turns the full-size model into one that runs a float64 step in well under a
-    second; ``deeper`` added to ``small`` makes the same model deeper (more blocks, or more
-    columns for RevCol), for checking that activation memory does not grow with depth.
+    second. ``depth(n)`` gives the keyword arguments for a model ``n`` units deep (blocks per
+    stage, transformer blocks, or RevCol's columns), so tests and ``torchrev bench`` can check
+    that activation memory does not grow with depth.
     """
 
     name: str
     factory: Callable[..., nn.Module]
     task: Task
+    depth: Callable[[int], dict[str, Any]]
     small: dict[str, Any] = field(default_factory=dict)
-    deeper: dict[str, Any] = field(default_factory=dict)
 
 
 _MODELS: dict[str, ModelInfo] = {}
@@ -34,15 +35,20 @@ _MODELS: dict[str, ModelInfo] = {}
 def register_model(
     name: str,
     task: Task,
+    depth: Callable[[int], dict[str, Any]],
     small: dict[str, Any] | None = None,
-    deeper: dict[str, Any] | None = None,
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Decorator registering ``factory(**kwargs) -> nn.Module`` under ``name``."""
+    """Decorator registering ``factory(**kwargs) -> nn.Module`` under ``name``.
+
+    Classification models accept ``in_chans``, ``num_classes`` and ``image_size``;
+    segmentation models ``in_chans``, ``num_classes`` and ``volume``: the command line builds
+    any registered model for its data through these.
+    """
 
     def add(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _MODELS:
             raise ValueError(f"model {name!r} is registered twice")
-        _MODELS[name] = ModelInfo(name, factory, task, small or {}, deeper or {})
+        _MODELS[name] = ModelInfo(name, factory, task, depth, small or {})
         return factory
 
     return add

@@ -130,13 +130,15 @@ class RevCol(AbstractReversibleModel):
         in_chans: int = 3,
         num_classes: int = 1000,
         image_size: int = 224,
-        stem_stride: int = 4,
+        stem_stride: int | None = None,
         drop_path: float = 0.0,
         aux_columns: tuple[int, ...] = (),
         reversible: bool = True,
     ) -> None:
         super().__init__()
         levels = len(channels)
+        if stem_stride is None:  # ConvNeXt's 4 on ImageNet-size images, 1 on tiny ones
+            stem_stride = 4 if image_size >= 64 else 1
         if image_size % (stem_stride * 2 ** (levels - 1)) or len(blocks) != levels:
             raise ValueError(
                 f"RevCol needs image_size divisible by stem_stride * 2**(levels - 1) = "
@@ -146,6 +148,7 @@ class RevCol(AbstractReversibleModel):
         if any(not 0 <= c < columns - 1 for c in aux_columns):
             raise ValueError(f"aux_columns must lie in 0..{columns - 2}, got {aux_columns}.")
         self.image_size, self.in_chans, self.channels = image_size, in_chans, channels
+        self.input_multiple = stem_stride * 2 ** (levels - 1)
         self.stem = nn.Sequential(
             nn.Conv2d(in_chans, channels[0], stem_stride, stride=stem_stride),
             LayerNorm2d(channels[0]),
@@ -197,17 +200,19 @@ _SMALL = {
     "stem_stride": 2,
     "num_classes": 10,
 }
-# From three columns on, a column's backward also holds the stem's gradient from those above.
-_DEEPER = {"columns": 6}
 
 
-@register_model("revcol_t", "classification", small=_SMALL, deeper=_DEEPER)
+def _depth(n: int) -> dict[str, object]:
+    return {"columns": n}
+
+
+@register_model("revcol_t", "classification", depth=_depth, small=_SMALL)
 def revcol_t(**kwargs: object) -> RevCol:
     """RevCol-T: channels 64/128/256/512, blocks 2/2/4/2, 4 columns."""
     return RevCol(**{"columns": 4, **kwargs})  # type: ignore[arg-type]
 
 
-@register_model("revcol_s", "classification", small=_SMALL, deeper=_DEEPER)
+@register_model("revcol_s", "classification", depth=_depth, small=_SMALL)
 def revcol_s(**kwargs: object) -> RevCol:
     """RevCol-S: as RevCol-T with 8 columns."""
     return RevCol(**{"columns": 8, **kwargs})  # type: ignore[arg-type]

@@ -69,6 +69,7 @@ class RevNet(AbstractReversibleModel):
                 f"got channels={channels}, blocks={blocks}."
             )
         self.image_size, self.in_chans = image_size, in_chans
+        self.input_multiple = 2 ** (len(channels) - 1)
         layers: list[nn.Module] = [nn.Conv2d(in_chans, channels[0], 3, padding=1, bias=False)]
         for i, (width, depth) in enumerate(zip(channels, blocks)):
             if i:
@@ -102,10 +103,13 @@ class RevNet(AbstractReversibleModel):
 
 
 _SMALL = {"channels": (8, 16, 16), "blocks": (1, 1, 1), "image_size": 8}
-_DEEPER = {"blocks": (3, 3, 3)}
 
 
-@register_model("revnet38", "classification", small=_SMALL, deeper=_DEEPER)
+def _depth(n: int) -> dict[str, object]:
+    return {"blocks": (n, n, n)}
+
+
+@register_model("revnet38", "classification", depth=_depth, small=_SMALL)
 def revnet38(**kwargs: object) -> RevNet:
     """RevNet-38: three stages of 3 basic blocks, 32/64/112 channels (0.56M parameters).
 
@@ -115,14 +119,14 @@ def revnet38(**kwargs: object) -> RevNet:
     return RevNet(**{"channels": (32, 64, 112), "blocks": (3, 3, 3), **kwargs})  # type: ignore[arg-type]
 
 
-@register_model("revnet110", "classification", small=_SMALL, deeper=_DEEPER)
+@register_model("revnet110", "classification", depth=_depth, small=_SMALL)
 def revnet110(**kwargs: object) -> RevNet:
     """RevNet-110: three stages of 9 basic blocks, 32/64/128 channels (1.84M parameters)."""
     return RevNet(**{"channels": (32, 64, 128), "blocks": (9, 9, 9), **kwargs})  # type: ignore[arg-type]
 
 
 @register_model(
-    "revnet164", "classification", small={**_SMALL, "channels": (16, 32, 32)}, deeper=_DEEPER
+    "revnet164", "classification", depth=_depth, small={**_SMALL, "channels": (16, 32, 32)}
 )
 def revnet164(**kwargs: object) -> RevNet:
     """RevNet-164: three stages of 9 bottleneck blocks, 128/256/512 channels (3.2M parameters)."""

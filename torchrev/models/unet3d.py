@@ -66,6 +66,7 @@ class UNet3D(AbstractReversibleModel):
                 f"by 2**(levels - 1); got width={width}, levels={levels}, volume={volume}."
             )
         self.in_chans, self.volume = in_chans, volume
+        self.input_multiple = 2 ** (levels - 1)
         widths = [width * 2**i for i in range(levels)]
         self.stem = nn.Conv3d(in_chans, width, 3, padding=1)
         self.encoder = nn.ModuleList(_stage(w, blocks, expansion, reversible) for w in widths)
@@ -99,8 +100,8 @@ class UNet3D(AbstractReversibleModel):
 @register_model(
     "unet3d",
     "segmentation",
+    depth=lambda n: {"blocks": n},
     small={"width": 4, "levels": 2, "blocks": 1, "expansion": 2, "volume": 4},
-    deeper={"blocks": 3},
 )
 def unet3d(**kwargs: object) -> UNet3D:
     """Reversible-MBConv 3D U-Net: 4 levels from width 16, 2 couplings per level."""

@@ -48,7 +48,8 @@ class RevViT(AbstractReversibleModel):
 
     F is attention and G the MLP, each behind its own LayerNorm; both streams start as copies
     of the patch embeddings and end concatenated (2 x ``dim`` features), then LayerNorm, mean
-    over tokens and a linear head. Drop-path rates grow linearly with depth to
+    over tokens and a linear head. ``patch_size`` defaults to 16, or to a quarter of the side
+    on images under 64 pixels. Drop-path rates grow linearly with depth to
     ``drop_path``; the reversible backward replays their masks exactly.
     """
 
@@ -58,7 +59,7 @@ class RevViT(AbstractReversibleModel):
         depth: int = 12,
         heads: int = 3,
         mlp_ratio: float = 4.0,
-        patch_size: int = 16,
+        patch_size: int | None = None,
         image_size: int = 224,
         in_chans: int = 3,
         num_classes: int = 1000,
@@ -66,12 +67,14 @@ class RevViT(AbstractReversibleModel):
         reversible: bool = True,
     ) -> None:
         super().__init__()
+        if patch_size is None:  # ViT's 16 on ImageNet-size images; 4x4 patches on tiny ones
+            patch_size = 16 if image_size >= 64 else max(1, image_size // 4)
         if image_size % patch_size or dim % heads:
             raise ValueError(
                 f"RevViT needs image_size divisible by patch_size and dim by heads; got "
                 f"image_size={image_size}, patch_size={patch_size}, dim={dim}, heads={heads}."
             )
-        self.image_size, self.in_chans = image_size, in_chans
+        self.image_size, self.in_chans, self.input_multiple = image_size, in_chans, patch_size
         self.patch = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size)
         self.pos = nn.Parameter(torch.zeros(1, (image_size // patch_size) ** 2, dim))
         nn.init.trunc_normal_(self.pos, std=0.02)
@@ -96,22 +99,25 @@ class RevViT(AbstractReversibleModel):
 
 
 _SMALL = {"dim": 16, "depth": 2, "heads": 2, "patch_size": 4, "image_size": 8, "num_classes": 10}
-_DEEPER = {"depth": 6}
 
 
-@register_model("revvit_tiny", "classification", small=_SMALL, deeper=_DEEPER)
+def _depth(n: int) -> dict[str, object]:
+    return {"depth": n}
+
+
+@register_model("revvit_tiny", "classification", depth=_depth, small=_SMALL)
 def revvit_tiny(**kwargs: object) -> RevViT:
     """ViT-Ti/16 layout: dim 192, 12 blocks, 3 heads."""
     return RevViT(**{"dim": 192, "heads": 3, **kwargs})  # type: ignore[arg-type]
 
 
-@register_model("revvit_small", "classification", small=_SMALL, deeper=_DEEPER)
+@register_model("revvit_small", "classification", depth=_depth, small=_SMALL)
 def revvit_small(**kwargs: object) -> RevViT:
     """ViT-S/16 layout: dim 384, 12 blocks, 6 heads."""
     return RevViT(**{"dim": 384, "heads": 6, **kwargs})  # type: ignore[arg-type]
 
 
-@register_model("revvit_base", "classification", small=_SMALL, deeper=_DEEPER)
+@register_model("revvit_base", "classification", depth=_depth, small=_SMALL)
 def revvit_base(**kwargs: object) -> RevViT:
     """ViT-B/16 layout: dim 768, 12 blocks, 12 heads."""
     return RevViT(**{"dim": 768, "heads": 12, **kwargs})  # type: ignore[arg-type]

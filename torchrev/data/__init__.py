@@ -1,0 +1,4 @@
+"""Small real and generated data sets for the command line and the examples."""
+
+from .digits import load_digits as load_digits
+from .shapes3d import make_shapes3d as make_shapes3d
