@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 import torchrev
-from torchrev.bench import interleaved_medians, peak_live_bytes, retain_freed_memory
+from torchrev.bench import interleaved_medians, retain_freed_memory, training_step_peak
 
 RESULTS = Path(__file__).parent / "results"
 MiB = 2**20
@@ -132,10 +132,10 @@ def measure_memory(method: str, width: int, depth: int, batch: int, device: torc
     model = build(method, width, depth, device)
     x = torch.randn(batch, 2 * width, device=device)
     step = make_step(model, x)
-    step()  # allocates .grad, so the measured step counts activations and temporaries only
-    model.zero_grad(set_to_none=False)
-    row = {"live_mib": peak_live_bytes(step) / MiB}
-    if device.type == "cuda":
+    step()  # warm-up: lazy initialisation happens outside the measurement
+    row = {"live_mib": training_step_peak(step, model.parameters()) / MiB}
+    if device.type == "cuda":  # with gradients allocated, so their temporaries count too
+        model.zero_grad(set_to_none=False)
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()

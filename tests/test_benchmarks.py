@@ -42,3 +42,12 @@ def test_engine_benchmark_writes_results(tmp_path):
     assert memory[("torchrev", 2)] == memory[("torchrev", 6)]
     assert memory[("plain autograd", 6)] > memory[("torchrev", 6)]
     assert (tmp_path / "toy.csv").exists() and "| torchrev |" in (tmp_path / "toy.md").read_text()
+
+
+def test_models_benchmark_quick(tmp_path):
+    load("models").main(["--quick", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "models-cpu-quick.json").read_text())["rows"]
+    for name in {r["model"] for r in rows}:
+        shallow, deep = [r for r in rows if r["model"] == name]
+        assert shallow["reversible_live_mib"] == deep["reversible_live_mib"]
+        assert deep["plain_live_mib"] > shallow["plain_live_mib"]

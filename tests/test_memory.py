@@ -48,3 +48,30 @@ def test_tracker_counts_allocations_frees_and_storage_resizes():
         b.untyped_storage().resize_(0)  # as memcnn frees activations
         assert tracker.current == 0
     assert tracker.peak == 4000
+
+
+def test_training_step_peak_leaves_gradients_out():
+    from torchrev.bench import training_step_peak
+
+    lin = torch.nn.Linear(1000, 1000)  # 4 MB of weight gradient
+    x = torch.randn(2, 1000)
+    peak = training_step_peak(lambda: lin(x).square().sum().backward(), lin.parameters())
+    assert 0 < peak < 100_000 and lin.weight.grad is not None
+
+
+@pytest.mark.parametrize("cls", torchrev.couplings.COUPLINGS, ids=lambda c: c.__name__)
+def test_flat_in_depth_with_gradients_set_to_none(cls):
+    from torchrev.bench import training_step_peak
+
+    peaks = []
+    for depth in (3, 12):
+        torch.manual_seed(0)
+        stack = stack_of(cls, depth, width=16, dtype=torch.float32)
+        x = torch.randn(32, 32)
+
+        def step(stack=stack, x=x):
+            y1, y2 = stack(*torchrev.Split(1)(x.clone()))
+            (y1.square().sum() + y2.square().sum()).backward()
+
+        peaks.append(training_step_peak(step, stack.parameters()))
+    assert peaks[0] == peaks[1]

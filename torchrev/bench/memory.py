@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -33,7 +34,10 @@ class LiveTensorBytes(TorchDispatchMode):
         super().__init__()
         self.current = 0
         self.peak = 0
-        self._sizes: dict[int, int] = {}
+        self._sizes: dict[int, int] = {}  # storage key -> bytes it gives back when freed
+        self._serials: dict[int, int] = {}  # storage key -> serial (keys are reused, serials not)
+        self._events: list[tuple[int, int]] = []  # (serial, change in bytes), in order
+        self._serial = itertools.count()
         self._resize: Any = None
 
     def __enter__(self) -> LiveTensorBytes:
@@ -68,27 +72,40 @@ class LiveTensorBytes(TorchDispatchMode):
                 storage = t.untyped_storage()
                 if storage._cdata not in inputs and storage._cdata not in self._sizes:
                     self._seen(storage, storage.nbytes())
-                    self._add(storage.nbytes())
+                    self._add(storage._cdata, storage.nbytes())
         return out
 
     def _resized(self, storage: torch.UntypedStorage, delta: int) -> None:
         # A storage first seen here held its old bytes at the starting point.
         self._seen(storage, storage.nbytes() - delta)
         self._sizes[storage._cdata] += delta
-        self._add(delta)
+        self._add(storage._cdata, delta)
 
     def _seen(self, storage: torch.UntypedStorage, nbytes: int) -> None:
         """Start watching ``storage``, which holds ``nbytes`` that freeing it gives back."""
         if storage._cdata not in self._sizes:
             self._sizes[storage._cdata] = nbytes
+            self._serials[storage._cdata] = next(self._serial)
             weakref.finalize(storage, self._freed, storage._cdata)
 
     def _freed(self, key: int) -> None:
-        self._add(-self._sizes.pop(key))
+        self._add(key, -self._sizes.pop(key))
+        del self._serials[key]
 
-    def _add(self, delta: int) -> None:
+    def _add(self, key: int, delta: int) -> None:
+        self._events.append((self._serials[key], delta))
         self.current += delta
         self.peak = max(self.peak, self.current)
+
+    def peak_excluding(self, tensors: Iterable[torch.Tensor]) -> int:
+        """The peak had the storages of ``tensors`` (alive now) never been counted."""
+        skip = {self._serials.get(t.untyped_storage()._cdata) for t in tensors}
+        current = peak = 0
+        for serial, delta in self._events:
+            if serial not in skip:
+                current += delta
+                peak = max(peak, current)
+        return peak
 
 
 def peak_live_bytes(step: Callable[[], Any]) -> int:
@@ -101,3 +118,20 @@ def peak_live_bytes(step: Callable[[], Any]) -> int:
     with LiveTensorBytes() as tracker:
         step()
     return tracker.peak
+
+
+def training_step_peak(step: Callable[[], Any], params: Iterable[torch.Tensor]) -> int:
+    """Peak bytes of one training step beyond parameters and gradients, the usual way.
+
+    The step starts with ``.grad`` set to None (what ``optimizer.zero_grad()`` does) and the
+    storages that end up as the parameters' ``.grad`` are left out of the count from the moment
+    they appear: what remains is activations and temporaries. This is the measure benchmarks
+    report; :func:`peak_live_bytes` with pre-allocated gradients also counts gradient
+    temporaries, which is the stricter measure for gradient accumulation.
+    """
+    params = list(params)
+    for p in params:
+        p.grad = None
+    with LiveTensorBytes() as tracker:
+        step()
+    return tracker.peak_excluding(p.grad for p in params if p.grad is not None)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..bench.memory import MiB, peak_live_bytes
+from ..bench.memory import MiB, training_step_peak
 from ..bench.timing import interleaved_medians, retain_freed_memory
 from ..models import create_model, model_info
 from ..models._base import AbstractReversibleModel
@@ -81,10 +81,8 @@ def _measure(model: AbstractReversibleModel, depth: int, batch: int, repeats: in
         _set_form(model, form)
         step = _step(model, x)
         step()
-        model.zero_grad(set_to_none=False)
-        rows.append(
-            {"depth": depth, "batch": batch, "form": form, "live_mib": peak_live_bytes(step) / MiB}
-        )
+        peak = training_step_peak(step, model.parameters())
+        rows.append({"depth": depth, "batch": batch, "form": form, "live_mib": peak / MiB})
 
         def timed(form: str = form, step=step) -> None:
             _set_form(model, form)
@@ -113,8 +111,7 @@ def _largest_inputs(name: str, base: dict, budget_mib: float) -> list[dict]:
             (x,) = model.example_inputs(1)
             step = _step(model, x)
             step()
-            model.zero_grad(set_to_none=False)
-            if peak_live_bytes(step) / MiB > budget_mib:
+            if training_step_peak(step, model.parameters()) / MiB > budget_mib:
                 break
             fits, side = side, side + unit
         dims = 3 if key == "volume" else 2

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..bench.memory import MiB, peak_live_bytes
+from ..bench.memory import MiB, training_step_peak
 from ..models import create_model, model_info
 from . import checkpoint
 from .checkpoint import CliError
@@ -189,7 +189,7 @@ def _step_peak(model: nn.Module, x: torch.Tensor, y: torch.Tensor, reversible: b
         step()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    return peak_live_bytes(step)
+    return training_step_peak(step, model.parameters())
 
 
 def _config(args: argparse.Namespace, state: dict | None) -> RunConfig:

@@ -121,3 +121,9 @@ def revvit_small(**kwargs: object) -> RevViT:
 def revvit_base(**kwargs: object) -> RevViT:
     """ViT-B/16 layout: dim 768, 12 blocks, 12 heads."""
     return RevViT(**{"dim": 768, "heads": 12, **kwargs})  # type: ignore[arg-type]
+
+
+@register_model("revvit_large", "classification", depth=_depth, small=_SMALL)
+def revvit_large(**kwargs: object) -> RevViT:
+    """ViT-L/16 layout: dim 1024, 24 blocks, 16 heads."""
+    return RevViT(**{"dim": 1024, "depth": 24, "heads": 16, **kwargs})  # type: ignore[arg-type]
