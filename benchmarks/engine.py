@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--time-width", type=int, default=256)
     parser.add_argument("--time-batch", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument(
         "--system-malloc",
         action="store_true",

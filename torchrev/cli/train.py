@@ -87,12 +87,19 @@ def run(args: argparse.Namespace) -> int:
     )
     began = time.perf_counter() - (state or {}).get("wall_seconds", 0.0)
     for epoch in range(start, config.epochs):
-        loss = _train_epoch(model, optimizer, data, config, epoch, device)
+        loss, accuracy = _train_epoch(model, optimizer, data, config, epoch, device)
         score = evaluate(model, data, 256, device)
-        history.append({"epoch": epoch + 1, "loss": loss, f"test_{data.metric}": score})
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "loss": loss,
+                "train_accuracy": accuracy,
+                f"test_{data.metric}": score,
+            }
+        )
         print(
-            f"epoch {epoch + 1:>3}/{config.epochs}  loss {loss:.4f}  "
-            f"test {data.metric} {score:.2%}",
+            f"epoch {epoch + 1:>3}/{config.epochs}  loss {loss:.4f}  train accuracy "
+            f"{accuracy:.2%}  test {data.metric} {score:.2%}",
             flush=True,
         )
         elapsed = time.perf_counter() - began
@@ -121,15 +128,16 @@ def _train_epoch(
     config: RunConfig,
     epoch: int,
     device: torch.device,
-) -> float:
-    """One epoch in a fixed order (seeded by seed and epoch), so resumed runs match."""
+) -> tuple[float, float]:
+    """Mean loss and accuracy (per voxel for segmentation) of one epoch, in a fixed order
+    (seeded by seed and epoch) so that resumed runs match."""
     from tqdm import tqdm
 
     n = len(data.y_train)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
     steps = math.ceil(n / config.batch_size)
     total = config.epochs * steps
-    losses = []
+    losses, correct, seen = [], 0, 0
     bar = tqdm(range(steps), desc=f"epoch {epoch + 1}", leave=False, file=sys.stderr, disable=None)
     for i in bar:
         index = order[i * config.batch_size : (i + 1) * config.batch_size]
@@ -137,13 +145,16 @@ def _train_epoch(
         lr = 0.5 * config.lr * (1 + math.cos(math.pi * (epoch * steps + i) / total))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss = nn.functional.cross_entropy(model(x), y)
+        logits = model(x)
+        loss = nn.functional.cross_entropy(logits, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
+        correct += (logits.argmax(dim=1) == y).sum().item()
+        seen += y.numel()
         bar.set_postfix(loss=f"{loss.item():.3f}")
-    return sum(losses) / len(losses)
+    return sum(losses) / len(losses), correct / seen
 
 
 def _report(
