@@ -51,3 +51,25 @@ def test_models_benchmark_quick(tmp_path):
         shallow, deep = [r for r in rows if r["model"] == name]
         assert shallow["reversible_live_mib"] == deep["reversible_live_mib"]
         assert deep["plain_live_mib"] > shallow["plain_live_mib"]
+
+
+def test_ode_benchmark_quick(tmp_path):
+    load("ode").main(["--steps", "20", "--batch", "8", "--repeats", "1", "--out", str(tmp_path)])
+    rows = {r["method"]: r for r in json.loads((tmp_path / "ode-cpu.json").read_text())["rows"]}
+    adjoint = rows["torchrev reversible Heun, adjoint"]
+    assert adjoint["grad_error"] < 1e-12
+    assert adjoint["peak_mib"] < rows["torchrev reversible Heun, backprop"]["peak_mib"]
+
+
+def test_neural_ode_example_runs(tmp_path, monkeypatch):
+    import sys
+
+    spec = importlib.util.spec_from_file_location(
+        "spiral", BENCHMARKS.parent / "examples" / "neural_ode_spiral.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "spiral.png"
+    monkeypatch.setattr(sys, "argv", ["spiral", "--iterations", "2", "--out", str(out)])
+    module.main()
+    assert out.stat().st_size > 0

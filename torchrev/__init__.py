@@ -4,6 +4,7 @@ Training a reversible stack stores no per-block activations: backward rebuilds e
 input from its output and recomputes the block once, and the gradients equal plain autograd's.
 """
 
+from . import ode as ode
 from ._core.block import AbstractReversibleBlock as AbstractReversibleBlock
 from ._core.checks import BlockReport as BlockReport
 from ._core.checks import ReversibilityReport as ReversibilityReport

@@ -1,0 +1,16 @@
+"""Explicit Euler: first order, one evaluation per step."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from ._base import AbstractSolver, VectorField, evaluate
+
+
+class Euler(AbstractSolver):
+    r""":math:`y_{n+1} = y_n + \Delta t\, f(t_n, y_n)`. Order 1; the cheapest step."""
+
+    evaluations = 1
+
+    def step(self, f: VectorField, t: float, dt: float, y: Tensor, n: int) -> Tensor:
+        return y + dt * evaluate(f, t, y, n)
