@@ -11,12 +11,17 @@ from ._core.checks import ReversibilityReport as ReversibilityReport
 from ._core.checks import check_reversibility as check_reversibility
 from ._core.coupling import AbstractCoupling as AbstractCoupling
 from ._core.errors import ReversibilityError as ReversibilityError
+from ._core.errors import ReversibilityWarning as ReversibilityWarning
 from ._core.sequence import ReversibleSequential as ReversibleSequential
 from ._core.streams import Concat as Concat
 from ._core.streams import Duplicate as Duplicate
 from ._core.streams import Mean as Mean
 from ._core.streams import ReversibleStage as ReversibleStage
 from ._core.streams import Split as Split
+from .convert import compare as compare
+from .convert import meft as meft
+from .convert import rewire as rewire
+from .convert import undo as undo
 from .couplings import AdditiveCoupling as AdditiveCoupling
 from .couplings import AffineCoupling as AffineCoupling
 from .couplings import MomentumCoupling as MomentumCoupling

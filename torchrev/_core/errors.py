@@ -12,6 +12,10 @@ class ReversibilityError(RuntimeError):
     """
 
 
+class ReversibilityWarning(UserWarning):
+    """The backward pass rebuilt a stack's input less exactly than the stack's tolerance."""
+
+
 SECOND_BACKWARD = (
     "backward ran twice through the same forward of a reversible stack. The stack rebuilds its "
     "activations from its outputs and releases them as it goes, so the graph cannot be reused "

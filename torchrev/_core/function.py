@@ -14,6 +14,7 @@ costs about four forwards against plain autograd's three.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .block import AbstractReversibleBlock
-from .errors import DOUBLE_BACKWARD, SECOND_BACKWARD, ReversibilityError
+from .errors import DOUBLE_BACKWARD, SECOND_BACKWARD, ReversibilityError, ReversibilityWarning
 from .state import AutocastState, BufferWatch, RngState, buffers_preserved
 
 Grads = list[Tensor | None]
@@ -67,6 +68,7 @@ class _Call:
     ) -> None:
         self.tape = _Tape(n_streams)
         self.trace = trace  # diagnostics only
+        self.verify: tuple[float, tuple[Tensor, ...]] | None = None  # tolerance, the inputs
         self.device = device
         self.autocast = AutocastState.capture(device)
         self.rng = RngState.capture(device)  # the state the next branch starts from
@@ -138,6 +140,8 @@ class _Step:
         if self.call.trace is not None and self.index == 0:
             self.call.trace.rebuilt[self.block_index] = tuple(v.clone() for v in tape.values)
         if self.lowest:
+            if self.call.verify is not None and self.block_index == 0 and self.index == 0:
+                _verify(tape.values, *self.call.verify)
             tape.values = [None] * len(tape.values)
         computed = iter(grads)
         leaf_grads = [next(computed) if live and need else None for need in leaf_needs]
@@ -206,6 +210,24 @@ class _Step:
         return h, [hooked[id(t)][1] if id(t) in hooked else t for t in targets]
 
 
+def _verify(rebuilt: list[Tensor | None], tolerance: float, inputs: tuple[Tensor, ...]) -> None:
+    """NOTE [verify]: compare the rebuilt stack input with the real one, kept for this."""
+    error = max(
+        ((r - x).abs().max() / x.abs().max().clamp_min(1e-30)).item()
+        for r, x in zip(rebuilt, inputs)
+        if r is not None
+    )
+    if error > tolerance:
+        warnings.warn(
+            f"the reversible backward rebuilt this stack's input with relative error "
+            f"{error:.1e} (tolerance {tolerance:.0e}), so its gradients are off by about as "
+            f"much. Make fewer layers reversible, raise the scales (lam, beta), or compute in "
+            f"higher precision; torchrev.check_reversibility shows the error block by block.",
+            ReversibilityWarning,
+            stacklevel=2,
+        )
+
+
 def _grad(output: Tensor, inputs: list[Tensor], grad_output: Tensor) -> Grads:
     if not inputs or not output.requires_grad:
         return [None] * len(inputs)
@@ -264,12 +286,17 @@ def reversible_forward(
     streams: Sequence[Tensor],
     kwargs: dict[str, Any],
     trace: Trace | None = None,
+    verify: float | None = None,
 ) -> tuple[Tensor, ...]:
     """Run ``blocks`` on ``streams`` keeping no activations; backward recomputes them.
 
     ``trace``, if given, receives each block's input streams, as computed and as rebuilt.
+    ``verify``, if given, keeps the input streams and warns in backward when they are rebuilt
+    with a larger relative error.
     """
     call = _Call(len(streams), streams[0].device, kwargs, trace)
+    if verify is not None:
+        call.verify = (verify, tuple(s.detach() for s in streams))
     tensors = [kwargs[name] for name in call.tensor_names]
     values = list(streams)
     previous: Tensor | None = None

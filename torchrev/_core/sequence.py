@@ -29,6 +29,10 @@ class ReversibleSequential(nn.ModuleList):
     ``reversible=False``) the blocks run as ordinary modules under plain autograd, with no
     overhead: ``reversible=False`` is the reference the tests compare against.
 
+    ``verify=tol`` keeps the stack's input (one more set of streams) and warns with a
+    :class:`torchrev.ReversibilityWarning` whenever the backward rebuilds it with a relative
+    error above ``tol``: a guard for badly conditioned stacks (small scales, low precision).
+
     ``checkpoint_blocks=True`` (with ``reversible=False``) runs each block under
     ``torch.utils.checkpoint`` instead, the usual alternative, for comparison.
 
@@ -42,11 +46,13 @@ class ReversibleSequential(nn.ModuleList):
         *blocks: AbstractReversibleBlock,
         reversible: bool = True,
         checkpoint_blocks: bool = False,
+        verify: float | None = None,
     ) -> None:
         super().__init__(blocks)
         _check_blocks(blocks)
         self.reversible = reversible
         self.checkpoint_blocks = checkpoint_blocks
+        self.verify = verify
 
     def __getitem__(self, index: int | slice) -> Any:
         if isinstance(index, slice):
@@ -54,6 +60,7 @@ class ReversibleSequential(nn.ModuleList):
                 *list(self)[index],
                 reversible=self.reversible,
                 checkpoint_blocks=self.checkpoint_blocks,
+                verify=self.verify,
             )
         return super().__getitem__(index)
 
@@ -64,7 +71,7 @@ class ReversibleSequential(nn.ModuleList):
             blocks[0].check_streams(streams, "ReversibleSequential.forward")
         training = self.training and self._needs_grad(streams, kwargs)
         if self.reversible and training:
-            return reversible_forward(blocks, streams, kwargs)
+            return reversible_forward(blocks, streams, kwargs, verify=self.verify)
         for block in blocks:
             if self.checkpoint_blocks and training:
                 streams = checkpoint(block, *streams, use_reentrant=False, **kwargs)
