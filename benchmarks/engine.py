@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import importlib.util
-import json
 import platform
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,7 +26,12 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 import torchrev
-from torchrev.bench import interleaved_medians, retain_freed_memory, training_step_peak
+from torchrev.bench import (
+    interleaved_medians,
+    retain_freed_memory,
+    training_step_peak,
+    write_results,
+)
 
 RESULTS = Path(__file__).parent / "results"
 MiB = 2**20
@@ -241,19 +243,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tag", default=None, help="results file name (default: the device)")
     args = parser.parse_args(argv)
     rows = run(args)
-    text = table(rows, args)
-    print("\n" + describe(args) + "\n\n" + text)
-    args.out.mkdir(parents=True, exist_ok=True)
     tag = args.tag or f"engine-{torch.device(args.device).type}"
-    (args.out / f"{tag}.json").write_text(
-        json.dumps({"setup": describe(args), "argv": sys.argv[1:], "rows": rows}, indent=1)
-    )
-    (args.out / f"{tag}.md").write_text(describe(args) + "\n\n" + text + "\n")
-    fields = sorted({k for r in rows for k in r})
-    with open(args.out / f"{tag}.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_results(args.out, tag, describe(args), rows, table(rows, args))
 
 
 if __name__ == "__main__":

@@ -10,15 +10,12 @@ beside published figures at the published configuration. Run ``python benchmarks
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-import sys
 from pathlib import Path
 
 import torch
 
 import torchrev
-from torchrev.bench import training_step_peak
+from torchrev.bench import training_step_peak, write_results
 from torchrev.models import model_info
 
 RESULTS = Path(__file__).parent / "results"
@@ -121,22 +118,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     rows = run(QUICK if args.quick else CASES, device)
-    text = table(rows)
     setup = (
         f"torch {torch.__version__}, {device.type}; float32; peak live tensor MiB of one "
         f"training step beyond parameters and gradients"
     )
-    print("\n" + setup + "\n\n" + text)
-    args.out.mkdir(parents=True, exist_ok=True)
     tag = f"models-{device.type}" + ("-quick" if args.quick else "")
-    (args.out / f"{tag}.json").write_text(
-        json.dumps({"setup": setup, "argv": sys.argv[1:], "rows": rows}, indent=1)
-    )
-    (args.out / f"{tag}.md").write_text(setup + "\n\n" + text + "\n")
-    with open(args.out / f"{tag}.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=sorted({k for r in rows for k in r}))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_results(args.out, tag, setup, rows, table(rows))
 
 
 if __name__ == "__main__":

@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from torchrev.bench import interleaved_medians, retain_freed_memory, training_step_peak
+from torchrev.bench import (
+    interleaved_medians,
+    retain_freed_memory,
+    training_step_peak,
+    write_results,
+)
 from torchrev.ode import ReversibleHeun, odeint, sdeint
 
 RESULTS = Path(__file__).parent / "results"
@@ -199,13 +202,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.steps} steps of {args.dt}, batch {args.batch}, state {args.dim}, MLP hidden "
         f"{args.hidden}; median of {args.repeats} interleaved repeats"
     )
-    text = table(rows)
-    print("\n" + setup + "\n\n" + text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.tag}.json").write_text(
-        json.dumps({"setup": setup, "argv": sys.argv[1:], "rows": rows}, indent=1)
-    )
-    (args.out / f"{args.tag}.md").write_text(setup + "\n\n" + text + "\n")
+    write_results(args.out, args.tag, setup, rows, table(rows))
 
 
 if __name__ == "__main__":

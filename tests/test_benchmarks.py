@@ -73,3 +73,13 @@ def test_neural_ode_example_runs(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["spiral", "--iterations", "2", "--out", str(out)])
     module.main()
     assert out.stat().st_size > 0
+
+
+def test_convert_benchmark_quick(tmp_path):
+    load("convert").main(
+        ["--seq", "16", "--batch", "1", "--image-batch", "1", "--out", str(tmp_path)]
+    )
+    rows = json.loads((tmp_path / "convert-cpu.json").read_text())["rows"]
+    meft = next(r for r in rows if r["method"].startswith("MEFT1, 12"))
+    assert meft["vs_full"] < 1
+    assert all(r["ratio"] > 1 for r in rows if "ratio" in r)

@@ -159,3 +159,34 @@ def test_shapes3d_has_both_shapes_and_is_reproducible():
     assert x.shape == (4, 1, 12, 12, 12) and y.shape == (4, 12, 12, 12)
     assert set(y.unique().tolist()) == {0, 1, 2}
     assert torch.equal(make_shapes3d(4, side=12, seed=3)[1], y)
+
+
+def test_finetune_compares_methods(tmp_path):
+    argv = [
+        "finetune",
+        "--methods",
+        "meft",
+        "lora",
+        "--epochs",
+        "1",
+        "--train-size",
+        "64",
+        "--out",
+        str(tmp_path),
+    ]
+    assert main(argv) == 0
+    rows = {r["method"]: r for r in json.loads((tmp_path / "metrics.json").read_text())}
+    assert rows.keys() == {"meft", "lora"}
+    assert rows["meft"]["trainable_parameters"] < 100_000
+    assert all(0 <= r["test_accuracy"] <= 1 and r["activation_mib"] > 0 for r in rows.values())
+
+
+def test_sentiment_data_holds_out_adjectives():
+    from torchrev.data import make_sentiment
+    from torchrev.data.sentiment import NEGATIVE, POSITIVE
+
+    train, _, test, labels = make_sentiment(200, 100)
+    held_out = POSITIVE[15:] + NEGATIVE[15:]
+    assert not any(word in text for text in train for word in held_out)
+    assert all(any(word in text for word in held_out) for text in test)
+    assert 0.3 < sum(labels) / len(labels) < 0.7

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench, train
+from . import bench, finetune, train
 from .checkpoint import CliError
 
 
@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     train.add_parser(sub)
     bench.add_parser(sub)
+    finetune.add_parser(sub)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

@@ -47,8 +47,9 @@ class MeftStage(nn.Module):
     ``len(couplings) - reversible_layers`` store their activations; the rest are reversible.
     With ``reversible_layers=None`` the first training batch decides: the stage measures how
     exactly it can rebuild its input from k top layers under that batch's dtype and autocast,
-    and makes reversible the most layers within a tenth of ``tolerance``. Every training step then checks
-    the rebuilt input against the real one (``verify``) and warns if it drifts past tolerance.
+    and makes reversible the most layers within a tenth of ``tolerance``. Every training step
+    then checks the rebuilt input against the real one (``verify``) and warns if it drifts past
+    tolerance.
     """
 
     def __init__(

