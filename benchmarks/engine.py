@@ -29,7 +29,7 @@ import torchrev
 from torchrev.bench import (
     interleaved_medians,
     retain_freed_memory,
-    training_step_peak,
+    step_memory,
     write_results,
 )
 
@@ -133,18 +133,7 @@ def build(method: str, width: int, depth: int, device: torch.device) -> nn.Modul
 def measure_memory(method: str, width: int, depth: int, batch: int, device: torch.device) -> dict:
     model = build(method, width, depth, device)
     x = torch.randn(batch, 2 * width, device=device)
-    step = make_step(model, x)
-    step()  # warm-up: lazy initialisation happens outside the measurement
-    row = {"live_mib": training_step_peak(step, model.parameters()) / MiB}
-    if device.type == "cuda":  # with gradients allocated, so their temporaries count too
-        model.zero_grad(set_to_none=False)
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        row["cuda_mib"] = (torch.cuda.max_memory_allocated() - base) / MiB
-    return row
+    return step_memory(make_step(model, x), model)
 
 
 def measure_time(

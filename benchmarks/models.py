@@ -15,11 +15,10 @@ from pathlib import Path
 import torch
 
 import torchrev
-from torchrev.bench import training_step_peak, write_results
+from torchrev.bench import step_memory, write_results
 from torchrev.models import model_info
 
 RESULTS = Path(__file__).parent / "results"
-MiB = 2**20
 
 # (model, settings, depths, batch, published reversible/plain ratio and its source)
 CASES = [
@@ -50,23 +49,13 @@ QUICK = [  # a look in seconds, same families at toy sizes
 ]
 
 
-def step_peak_mib(model: torch.nn.Module, batch: int, device: torch.device) -> dict[str, float]:
+def step_peak_mib(model: torch.nn.Module, batch: int) -> dict[str, float]:
     (x,) = model.example_inputs(batch)
 
     def step() -> None:
         model(x.clone()).float().square().mean().backward()
 
-    step()  # warm-up: lazy initialisation happens outside the measurement
-    row = {"live_mib": training_step_peak(step, model.parameters()) / MiB}
-    if device.type == "cuda":  # with gradients allocated, so their temporaries count too
-        model.zero_grad(set_to_none=False)
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        row["cuda_mib"] = (torch.cuda.max_memory_allocated() - base) / MiB
-    return row
+    return step_memory(step, model)
 
 
 def run(cases: list, device: torch.device) -> list[dict]:
@@ -79,7 +68,7 @@ def run(cases: list, device: torch.device) -> list[dict]:
             row: dict = {"model": name, "depth": depth, "batch": batch, "settings": str(settings)}
             for form in ("reversible", "plain"):
                 model.reversible = form == "reversible"
-                for key, value in step_peak_mib(model, batch, device).items():
+                for key, value in step_peak_mib(model, batch).items():
                     row[f"{form}_{key}"] = value
             row["ratio"] = row["plain_live_mib"] / row["reversible_live_mib"]
             if published is not None and depth == max(depths):

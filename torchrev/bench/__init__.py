@@ -2,6 +2,7 @@
 
 from .memory import LiveTensorBytes as LiveTensorBytes
 from .memory import peak_live_bytes as peak_live_bytes
+from .memory import step_memory as step_memory
 from .memory import training_step_peak as training_step_peak
 from .results import write_results as write_results
 from .timing import interleaved_medians as interleaved_medians

@@ -135,3 +135,25 @@ def training_step_peak(step: Callable[[], Any], params: Iterable[torch.Tensor]) 
     with LiveTensorBytes() as tracker:
         step()
     return tracker.peak_excluding(p.grad for p in params if p.grad is not None)
+
+
+def step_memory(step: Callable[[], Any], model: torch.nn.Module) -> dict[str, float]:
+    """MiB of one training step of ``model`` beyond parameters and gradients.
+
+    ``live_mib``: :func:`training_step_peak`, deterministic on any device. On CUDA also
+    ``cuda_mib``: ``torch.cuda.max_memory_allocated`` above the allocated baseline, with the
+    gradients allocated beforehand (so gradient temporaries count there). One warm-up step
+    runs first, so lazy initialisation stays out of both.
+    """
+    step()
+    row = {"live_mib": training_step_peak(step, model.parameters()) / MiB}
+    if next(model.parameters()).device.type == "cuda":
+        step()
+        model.zero_grad(set_to_none=False)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        row["cuda_mib"] = (torch.cuda.max_memory_allocated() - base) / MiB
+    return row

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..bench.memory import MiB, training_step_peak
+from ..bench.memory import step_memory
 from ..models import create_model, model_info
 from . import checkpoint
 from .checkpoint import CliError
@@ -163,8 +163,8 @@ def _report(
     score = evaluate(model, data, 256, device)
     x = data.x_train[: config.batch_size].to(device)
     y = data.y_train[: config.batch_size].to(device)
-    reversible = _step_peak(model, x, y, True) / MiB
-    plain = _step_peak(model, x, y, False) / MiB
+    reversible = _step_peak(model, x, y, True)
+    plain = _step_peak(model, x, y, False)
     print(f"test {data.metric}: {score:.2%}")
     print(
         f"training step peak memory (batch {len(x)}): reversible {reversible:.2f} MiB, "
@@ -184,23 +184,16 @@ def _report(
 
 
 def _step_peak(model: nn.Module, x: torch.Tensor, y: torch.Tensor, reversible: bool) -> float:
-    """Peak bytes of one training step beyond parameters and gradients, on a copy."""
+    """MiB of one training step beyond parameters and gradients (CUDA's allocator peak on a
+    GPU, the deterministic count on a CPU), measured on a copy."""
     model = copy.deepcopy(model)
     model.reversible = reversible  # type: ignore[assignment]
 
     def step() -> None:
         nn.functional.cross_entropy(model(x), y).backward()
 
-    step()
-    model.zero_grad(set_to_none=False)
-    if x.device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    return training_step_peak(step, model.parameters())
+    memory = step_memory(step, model)
+    return memory.get("cuda_mib", memory["live_mib"])
 
 
 def _config(args: argparse.Namespace, state: dict | None) -> RunConfig:

@@ -116,8 +116,8 @@ def reverse_step(
     return HeunState(y, yh, f, g), leaf
 
 
-def solve_direct(problem: Problem, y0: Tensor) -> Tensor:
-    """The solution at the output times, differentiated by autograd through every step."""
+def integrate(problem: Problem, y0: Tensor) -> tuple[Tensor, HeunState]:
+    """The solution at the output times, stacked, and the final state."""
     state = initial_state(problem, y0)
     outputs, ys = set(problem.grid.outputs), [y0]
     watch = FiniteWatch(y0)
@@ -127,7 +127,12 @@ def solve_direct(problem: Problem, y0: Tensor) -> Tensor:
         if n + 1 in outputs:
             ys.append(state.y)
     watch.check()
-    return torch.stack(ys)
+    return torch.stack(ys), state
+
+
+def solve_direct(problem: Problem, y0: Tensor) -> Tensor:
+    """The solution at the output times, differentiated by autograd through every step."""
+    return integrate(problem, y0)[0]
 
 
 class _ReversibleAdjoint(torch.autograd.Function):
@@ -136,17 +141,9 @@ class _ReversibleAdjoint(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, problem: Problem, params: Sequence[Tensor], y0: Tensor, *leaves: Tensor):
         with torch.no_grad():
-            state = initial_state(problem, y0)
-            outputs, ys = set(problem.grid.outputs), [y0]
-            watch = FiniteWatch(y0)
-            for n in range(len(problem.grid.steps)):
-                state = forward_step(problem, state, n)
-                watch.see(state.f, n)
-                if n + 1 in outputs:
-                    ys.append(state.y)
-            watch.check()
+            ys, state = integrate(problem, y0)
         ctx.problem, ctx.params, ctx.state = problem, params, state
-        return torch.stack(ys)
+        return ys
 
     @staticmethod
     def backward(ctx: Any, d_ys: Tensor) -> Any:
