@@ -34,7 +34,6 @@ from torchrev.bench import (
 )
 
 RESULTS = Path(__file__).parent / "results"
-MiB = 2**20
 
 
 def branch(width: int) -> nn.Module:
