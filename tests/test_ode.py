@@ -228,3 +228,11 @@ def test_second_backward_through_an_adjoint_solve():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="twice"):
         loss.backward()
+
+
+def test_non_finite_diffusion_names_the_step():
+    def g(t, y):
+        return y * torch.where(t > 0.55, torch.tensor(float("nan")), torch.tensor(1.0))
+
+    with pytest.raises(FloatingPointError, match="at step 5"):
+        sdeint(lambda t, y: -y, g, torch.ones(2), torch.tensor([0.0, 1.0]), dt=0.1)

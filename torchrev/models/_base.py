@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import ABC
 
+import torch
 from torch import Tensor, nn
 
 from .._core.sequence import ReversibleSequential
@@ -19,6 +20,10 @@ class AbstractReversibleModel(nn.Module, ABC):
 
     #: Input sides (image or volume) must be multiples of this.
     input_multiple: int = 1
+    #: 2 for images, 3 for volumes; with ``in_chans`` and ``input_side`` it fixes the input.
+    spatial_dims: int = 2
+    in_chans: int
+    input_side: int
 
     @property
     def reversible(self) -> bool:
@@ -41,6 +46,8 @@ class AbstractReversibleModel(nn.Module, ABC):
     def stacks(self) -> list[ReversibleSequential]:
         return [m for m in self.modules() if isinstance(m, ReversibleSequential)]
 
-    @abstractmethod
     def example_inputs(self, batch_size: int = 2) -> tuple[Tensor, ...]:
-        """Valid inputs of a small size, on the model's device and in its dtype."""
+        """Valid inputs of the model's configured size, on its device and in its dtype."""
+        p = next(self.parameters())
+        shape = (batch_size, self.in_chans, *(self.input_side,) * self.spatial_dims)
+        return (torch.randn(shape, device=p.device, dtype=p.dtype),)

@@ -147,7 +147,7 @@ class RevCol(AbstractReversibleModel):
             )
         if any(not 0 <= c < columns - 1 for c in aux_columns):
             raise ValueError(f"aux_columns must lie in 0..{columns - 2}, got {aux_columns}.")
-        self.image_size, self.in_chans, self.channels = image_size, in_chans, channels
+        self.input_side, self.in_chans, self.channels = image_size, in_chans, channels
         self.input_multiple = stem_stride * 2 ** (levels - 1)
         self.stem = nn.Sequential(
             nn.Conv2d(in_chans, channels[0], stem_stride, stride=stem_stride),
@@ -185,11 +185,6 @@ class RevCol(AbstractReversibleModel):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_with_aux(x)[0]
-
-    def example_inputs(self, batch_size: int = 2) -> tuple[Tensor, ...]:
-        p = next(self.parameters())
-        shape = (batch_size, self.in_chans, self.image_size, self.image_size)
-        return (torch.randn(shape, device=p.device, dtype=p.dtype),)
 
 
 _SMALL = {

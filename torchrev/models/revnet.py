@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from .._core.sequence import ReversibleSequential
@@ -68,7 +67,7 @@ class RevNet(AbstractReversibleModel):
                 f"{8 if bottleneck else 2} (two streams{', quartered' if bottleneck else ''}); "
                 f"got channels={channels}, blocks={blocks}."
             )
-        self.image_size, self.in_chans = image_size, in_chans
+        self.input_side, self.in_chans = image_size, in_chans
         self.input_multiple = 2 ** (len(channels) - 1)
         layers: list[nn.Module] = [nn.Conv2d(in_chans, channels[0], 3, padding=1, bias=False)]
         for i, (width, depth) in enumerate(zip(channels, blocks)):
@@ -95,11 +94,6 @@ class RevNet(AbstractReversibleModel):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.layers(x)
-
-    def example_inputs(self, batch_size: int = 2) -> tuple[Tensor, ...]:
-        p = next(self.parameters())
-        shape = (batch_size, self.in_chans, self.image_size, self.image_size)
-        return (torch.randn(shape, device=p.device, dtype=p.dtype),)
 
 
 _SMALL = {"channels": (8, 16, 16), "blocks": (1, 1, 1), "image_size": 8}

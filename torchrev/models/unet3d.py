@@ -48,6 +48,8 @@ class UNet3D(AbstractReversibleModel):
     Widths double per level from ``width``; inputs need sides divisible by 2**(levels - 1).
     """
 
+    spatial_dims = 3
+
     def __init__(
         self,
         in_chans: int = 1,
@@ -65,7 +67,7 @@ class UNet3D(AbstractReversibleModel):
                 f"UNet3D needs an even width, at least one level and a volume side divisible "
                 f"by 2**(levels - 1); got width={width}, levels={levels}, volume={volume}."
             )
-        self.in_chans, self.volume = in_chans, volume
+        self.in_chans, self.input_side = in_chans, volume
         self.input_multiple = 2 ** (levels - 1)
         widths = [width * 2**i for i in range(levels)]
         self.stem = nn.Conv3d(in_chans, width, 3, padding=1)
@@ -89,12 +91,6 @@ class UNet3D(AbstractReversibleModel):
             x = self.fuse[i](torch.cat((self.up[i](x), skips[i]), dim=1))
             x = self.decoder[i](x)
         return self.head(x)
-
-    def example_inputs(self, batch_size: int = 2) -> tuple[Tensor, ...]:
-        p = next(self.parameters())
-        side = self.volume
-        shape = (batch_size, self.in_chans, side, side, side)
-        return (torch.randn(shape, device=p.device, dtype=p.dtype),)
 
 
 @register_model(

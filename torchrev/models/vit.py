@@ -74,7 +74,7 @@ class RevViT(AbstractReversibleModel):
                 f"RevViT needs image_size divisible by patch_size and dim by heads; got "
                 f"image_size={image_size}, patch_size={patch_size}, dim={dim}, heads={heads}."
             )
-        self.image_size, self.in_chans, self.input_multiple = image_size, in_chans, patch_size
+        self.input_side, self.in_chans, self.input_multiple = image_size, in_chans, patch_size
         self.patch = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size)
         self.pos = nn.Parameter(torch.zeros(1, (image_size // patch_size) ** 2, dim))
         nn.init.trunc_normal_(self.pos, std=0.02)
@@ -91,11 +91,6 @@ class RevViT(AbstractReversibleModel):
         tokens = self.patch(x).flatten(2).transpose(1, 2) + self.pos
         tokens = self.merge(*self.blocks(*self.split(tokens)))
         return self.head(self.norm(tokens).mean(dim=1))
-
-    def example_inputs(self, batch_size: int = 2) -> tuple[Tensor, ...]:
-        p = next(self.parameters())
-        shape = (batch_size, self.in_chans, self.image_size, self.image_size)
-        return (torch.randn(shape, device=p.device, dtype=p.dtype),)
 
 
 _SMALL = {"dim": 16, "depth": 2, "heads": 2, "patch_size": 4, "image_size": 8, "num_classes": 10}

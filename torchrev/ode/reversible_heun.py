@@ -124,6 +124,8 @@ def integrate(problem: Problem, y0: Tensor) -> tuple[Tensor, HeunState]:
     for n in range(len(problem.grid.steps)):
         state = forward_step(problem, state, n)
         watch.see(state.f, n)
+        if state.g is not None:
+            watch.see(state.g, n)
         if n + 1 in outputs:
             ys.append(state.y)
     watch.check()
