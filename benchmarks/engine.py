@@ -6,7 +6,12 @@ streams of ``width`` features, fed a (batch, 2 * width) input. For each method i
 * the peak of live tensor bytes during a training step beyond parameters and gradients
   (deterministic, :class:`torchrev.bench.LiveTensorBytes`; on CUDA also
   ``torch.cuda.max_memory_allocated`` above the same baseline), and
-* the step time as a ratio to plain autograd, median of interleaved repeats in this run.
+* the step time as a ratio to plain autograd, median of interleaved repeats in this run, and
+* the flops of a step (matrix products, counted through the dispatcher) as a ratio to plain
+  autograd: the floor under each method's time ratio. One recomputation per block costs
+  4/3; torch's checkpoint stops recomputing once it has what backward saves, skipping each
+  block's last Linear (1.25); a reversible backward needs the branch outputs themselves to
+  rebuild the inputs, so it cannot stop early.
 
 Peers are skipped when not installed (``pip install --no-deps memcnn==1.5.2 revlib==1.7.2
 revtorch==0.2.4``). Run ``python benchmarks/engine.py`` (see benchmarks/README.md).
@@ -29,6 +34,7 @@ import torchrev
 from torchrev.bench import (
     interleaved_medians,
     retain_freed_memory,
+    step_flops,
     step_memory,
     write_results,
 )
@@ -141,10 +147,16 @@ def measure_time(
     x = torch.randn(batch, 2 * width, device=device)
     steps = {m: make_step(build(m, width, depth, device), x) for m in methods}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    flops = {m: step_flops(step) for m, step in steps.items()}
     medians = interleaved_medians(steps, repeats=repeats, warmup=1, sync=sync)
     base = medians["plain autograd"]
     return {
-        m: {"seconds": s, "time_ratio": s / base, "samples_per_s": batch / s}
+        m: {
+            "seconds": s,
+            "time_ratio": s / base,
+            "samples_per_s": batch / s,
+            "flop_ratio": flops[m] / flops["plain autograd"],
+        }
         for m, s in medians.items()
     }
 
@@ -181,7 +193,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             )
             print(
                 f"time    width={args.time_width:<5} depth={depth:<3} {method:<16} "
-                f"{t['time_ratio']:6.3f}x plain",
+                f"{t['time_ratio']:6.3f}x plain ({t['flop_ratio']:.3f}x its flops)",
                 flush=True,
             )
     return rows
@@ -191,14 +203,15 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
     methods = list(dict.fromkeys(r["method"] for r in rows))
     memory = {(r["method"], r["width"], r["depth"]): r["live_mib"] for r in rows if "live_mib" in r}
     times = {(r["method"], r["depth"]): r["time_ratio"] for r in rows if "time_ratio" in r}
+    flops = {r["method"]: r["flop_ratio"] for r in rows if "flop_ratio" in r}  # same at any depth
     cols = [(w, d) for w in args.widths for d in args.depths]
     head = "| method | " + " | ".join(f"w{w} L{d} MiB" for w, d in cols)
-    head += " | " + " | ".join(f"time L{d}" for d in args.depths) + " |"
-    lines = [head, "|" + "---|" * (1 + len(cols) + len(args.depths))]
+    head += " | flops | " + " | ".join(f"time L{d}" for d in args.depths) + " |"
+    lines = [head, "|" + "---|" * (2 + len(cols) + len(args.depths))]
     for m in methods:
         mem = " | ".join(f"{memory[(m, w, d)]:.1f}" for w, d in cols)
         tim = " | ".join(f"{times[(m, d)]:.2f}x" for d in args.depths)
-        lines.append(f"| {m} | {mem} | {tim} |")
+        lines.append(f"| {m} | {mem} | {flops[m]:.3f}x | {tim} |")
     return "\n".join(lines)
 
 
@@ -209,7 +222,8 @@ def describe(args: argparse.Namespace) -> str:
         f"torch {torch.__version__}, {device.type} ({where or platform.machine()}), "
         f"{torch.get_num_threads()} threads; memory at batch {args.batch}; time at width "
         f"{args.time_width}, batch {args.time_batch}, median of {args.repeats} interleaved "
-        f"repeats, as a ratio to plain autograd; allocator: {args.malloc}"
+        f"repeats, as a ratio to plain autograd; flops of a step as a ratio to plain autograd's; "
+        f"allocator: {args.malloc}"
     )
 
 

@@ -4,6 +4,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 
 
@@ -41,6 +43,10 @@ def test_engine_benchmark_writes_results(tmp_path):
     memory = {(r["method"], r["depth"]): r["live_mib"] for r in rows if "live_mib" in r}
     assert memory[("torchrev", 2)] == memory[("torchrev", 6)]
     assert memory[("plain autograd", 6)] > memory[("torchrev", 6)]
+    # One recomputation per block; checkpoint stops before each block's last Linear.
+    flops = {r["method"]: r["flop_ratio"] for r in rows if "flop_ratio" in r}
+    assert flops["torchrev"] == pytest.approx(4 / 3, rel=1e-12)
+    assert flops["checkpoint"] == pytest.approx(5 / 4, rel=1e-12)
     assert (tmp_path / "toy.csv").exists() and "| torchrev |" in (tmp_path / "toy.md").read_text()
 
 

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from tests.helpers import assert_close_tensors
+from torchrev import ReversibilityError
 from torchrev.bench import training_step_peak
 from torchrev.ode import ReversibleHeun, odeint, sdeint
 from torchrev.ode._base import Grid
@@ -180,6 +181,50 @@ def test_closure_fields_with_adjoint_params():
         [w],
     )
     torch.testing.assert_close(g, want, rtol=1e-10, atol=0)
+
+
+def test_unlisted_closure_tensors_are_refused():
+    """Without adjoint_params the adjoint cannot see ``w``: an error, not a missing gradient."""
+    w = torch.tensor(0.7, dtype=F64, requires_grad=True)
+    y0 = torch.ones(3, dtype=F64, requires_grad=True)
+    t = torch.tensor([0.0, 1.0], dtype=F64)
+    ys = odeint(lambda t, y: -w * y, y0, t, dt=0.1)
+    with pytest.raises(ReversibilityError, match="adjoint_params"):
+        ys[-1].sum().backward()
+    net = nn.Linear(3, 3).to(F64)
+    ys = odeint(lambda t, y: net(y) * w, y0, t, dt=0.1, adjoint_params=[w])
+    with pytest.raises(ReversibilityError, match=r"2 tensor\(s\)"):  # net's weight and bias
+        ys[-1].sum().backward()
+
+
+def test_parameter_hooks_run_once_on_the_total():
+    """A hook that rescales the gradient must see the total, as under backpropagation."""
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=F64)
+    y0 = torch.randn(4, 3, dtype=F64)
+    grads, calls = {}, {}
+    for name, method in (("adjoint", "reversible_heun"), ("direct", ReversibleHeun(adjoint=False))):
+        torch.manual_seed(0)
+        field = Field().to(F64)
+        calls[name] = 0
+
+        def hook(grad, name=name):
+            calls[name] += 1
+            return 2 * grad
+
+        field.net[0].weight.register_hook(hook)
+        odeint(field, y0, t, dt=0.05, method=method).square().sum().backward()
+        grads[name] = field.net[0].weight.grad
+    assert calls == {"adjoint": 1, "direct": 1}
+    torch.testing.assert_close(grads["adjoint"], grads["direct"], rtol=1e-10, atol=0)
+
+
+def test_hooked_closure_tensors_are_refused():
+    w = torch.tensor(0.7, dtype=F64, requires_grad=True)
+    w.register_hook(lambda grad: grad)
+    y0 = torch.ones(3, dtype=F64, requires_grad=True)
+    ys = odeint(lambda t, y: -w * y, y0, torch.tensor([0.0, 1.0]), dt=0.1, adjoint_params=[w])
+    with pytest.raises(ReversibilityError, match="register_post_accumulate_grad_hook"):
+        ys[-1].sum().backward()
 
 
 @pytest.mark.parametrize(

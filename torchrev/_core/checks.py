@@ -33,7 +33,6 @@ class ReversibilityReport:
 
     blocks: tuple[BlockReport, ...]
     input_gradient_error: float
-    untracked_leaves: int = 0
 
     @property
     def worst_reconstruction(self) -> float:
@@ -46,11 +45,7 @@ class ReversibilityReport:
 
     def ok(self, rtol: float) -> bool:
         """Whether every reconstruction and gradient is within ``rtol`` of plain autograd."""
-        return (
-            self.worst_reconstruction <= rtol
-            and self.worst_gradient <= rtol
-            and not self.untracked_leaves
-        )
+        return self.worst_reconstruction <= rtol and self.worst_gradient <= rtol
 
     def __str__(self) -> str:
         lines = ["block  reconstruction  gradient"]
@@ -59,12 +54,6 @@ class ReversibilityReport:
             for b in self.blocks
         ]
         lines.append(f"input gradients: {self.input_gradient_error:.2e}")
-        if self.untracked_leaves:
-            lines.append(
-                f"{self.untracked_leaves} tensor(s) requiring grad reach f or g other than as "
-                f"parameters or keyword arguments: they would get no gradient. Register them as "
-                f"parameters of f or g, or pass them as keyword arguments."
-            )
         return "\n".join(lines)
 
 
@@ -80,7 +69,8 @@ def check_reversibility(
     as they were. A block whose branches are not deterministic, read state they do not own, or
     are badly conditioned (a small scale in a scaled coupling) shows up as a large
     reconstruction error at that block; a branch that closes over a tensor requiring grad
-    (which the reversible backward cannot see) is counted in ``untracked_leaves``. Run it in
+    (which the reversible backward cannot return a gradient for) raises
+    :class:`ReversibilityError`, as a training step would. Run it in
     float64 to separate bugs from rounding, and in your training dtype to see what rounding
     costs.
     """
@@ -93,7 +83,7 @@ def check_reversibility(
     start = RngState.capture(inputs[0].device)
     weights = _loss_weights(inputs)
 
-    def step(reversible: bool) -> tuple[list[Tensor | None], Trace, int]:
+    def step(reversible: bool) -> tuple[list[Tensor | None], Trace]:
         trace = Trace()
         with start.replayed(), buffers_preserved(tuple(stack.buffers())), torch.enable_grad():
             if reversible:
@@ -103,13 +93,11 @@ def check_reversibility(
                 for block in blocks:
                     outputs = block(*outputs, **kwargs)
             loss = sum((y * w).sum() for y, w in zip(outputs, weights))
-            known = {id(t) for t in (*inputs, *extras, *params)}
-            untracked = sum(id(leaf) not in known for leaf in _graph_leaves(loss))
             grads = torch.autograd.grad(loss, [*inputs, *extras, *params], allow_unused=True)
-        return list(grads), trace, untracked
+        return list(grads), trace
 
-    plain_grads, _, untracked = step(reversible=False)
-    rev_grads, trace, _ = step(reversible=True)
+    plain_grads, _ = step(reversible=False)
+    rev_grads, trace = step(reversible=True)
     floor = 1e-3 * max((g.abs().max().item() for g in plain_grads if g is not None), default=0)
     n_inputs = len(inputs) + len(extras)
 
@@ -124,23 +112,7 @@ def check_reversibility(
         grad = max((grad_error(n_inputs + i) for i in by_block[index]), default=0.0)
         reports.append(BlockReport(index, recon, grad))
     inputs_error = max(grad_error(i) for i in range(n_inputs))
-    return ReversibilityReport(tuple(reports), inputs_error, untracked)
-
-
-def _graph_leaves(output: Tensor) -> list[Tensor]:
-    """The tensors requiring grad that ``output``'s autograd graph would accumulate into."""
-    seen: set[object] = set()
-    pending = [output.grad_fn]
-    leaves = []
-    while pending:
-        node = pending.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if hasattr(node, "variable"):
-            leaves.append(node.variable)
-        pending.extend(child for child, _ in node.next_functions)
-    return leaves
+    return ReversibilityReport(tuple(reports), inputs_error)
 
 
 def _loss_weights(streams: list[Tensor]) -> list[Tensor]:

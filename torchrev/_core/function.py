@@ -26,6 +26,7 @@ from torch.func import functional_call
 
 from .block import AbstractReversibleBlock
 from .errors import DOUBLE_BACKWARD, SECOND_BACKWARD, ReversibilityError, ReversibilityWarning
+from .leaves import stray_leaves, untracked_error
 from .state import AutocastState, BufferWatch, RngState, buffers_preserved
 
 Grads = list[Tensor | None]
@@ -169,6 +170,8 @@ class _Step:
                 # gradients (torch's ModuleTracker, FlopCounterMode) reject leaves here.
                 views = [s.view_as(s) if w else s for s, w in zip(leaves, want_sources)]
                 h, targets = self._recompute_branch(views, kwargs, targets)
+                if differentiate:
+                    _check_tracked(block.branch_name(index), h, [*leaves, *targets])
             with torch.no_grad():
                 # NOTE [in-place revert]: the tape's value of the target stream has no other
                 # reader, and it is always the engine's own tensor: the caller holds copies of
@@ -208,6 +211,20 @@ class _Step:
         }
         h = functional_call(branch, dict(hooked.values()), tuple(sources), kwargs)
         return h, [hooked[id(t)][1] if id(t) in hooked else t for t in targets]
+
+
+def _check_tracked(name: str, h: Tensor, known: list[Tensor]) -> None:
+    """NOTE [closed-over tensors]: a gradient can only leave a step through its node's inputs
+    (parameters, streams, tensor kwargs); any other trainable tensor the branch reaches is an
+    error here rather than a gradient silently lost."""
+    stray = stray_leaves([h], known)
+    if stray:
+        raise untracked_error(
+            name,
+            stray,
+            f"Make each one an nn.Parameter of a module inside {name}, pass it to the stack "
+            f"call as a keyword argument, or detach it if it should not train.",
+        )
 
 
 def _verify(rebuilt: list[Tensor | None], tolerance: float, inputs: tuple[Tensor, ...]) -> None:
@@ -326,9 +343,15 @@ def _step_contents(
     ``update``), never those only other branches have. This runs on every call: parameters'
     ``requires_grad`` may change between calls.
     """
-    walks = [list(block.branch(i).modules()) for i in range(len(block.steps))]
+    branches = [block.branch(i) for i in range(len(block.steps))]
+    walks = [_submodules(b) for b in branches]
     inside = {id(p) for walk in walks for m in walk for p in m._parameters.values()}
-    own = [p for p in block.parameters() if id(p) not in inside]
+    own = [
+        p
+        for m in _submodules(block, skip={id(b) for b in branches})
+        for p in m._parameters.values()
+        if p is not None and id(p) not in inside
+    ]
     if any(p.requires_grad and p._backward_hooks for p in own):
         raise ReversibilityError(
             f"a parameter of {type(block).__name__} outside its branches has a tensor hook "
@@ -342,3 +365,17 @@ def _step_contents(
         trainable = [p for p in params.values() if p.requires_grad]
         contents.append((trainable, tuple(m for m in walk if m._buffers)))
     return contents
+
+
+def _submodules(root: nn.Module, skip: set[int] | None = None) -> list[nn.Module]:
+    """``root`` and every module below it, each once, not entering those whose id is in
+    ``skip``: ``nn.Module.modules`` without the name bookkeeping, which costs more than the
+    step's other Python work together."""
+    found, seen = [root], {id(root)}
+    skip = skip or set()
+    for module in found:  # grows while it is walked
+        for child in module._modules.values():
+            if child is not None and id(child) not in seen and id(child) not in skip:
+                seen.add(id(child))
+                found.append(child)
+    return found

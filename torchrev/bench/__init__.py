@@ -1,5 +1,7 @@
-"""Importable measuring code for benchmarks and tests: memory tracking and timing."""
+"""Importable measuring code for benchmarks and tests: memory, flops and timing."""
 
+from .flops import CountFlops as CountFlops
+from .flops import step_flops as step_flops
 from .memory import LiveTensorBytes as LiveTensorBytes
 from .memory import peak_live_bytes as peak_live_bytes
 from .memory import step_memory as step_memory

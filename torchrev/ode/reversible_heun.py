@@ -32,9 +32,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.func import functional_call
 
 from .._core.errors import DOUBLE_BACKWARD, ReversibilityError
+from .._core.leaves import stray_leaves, untracked_error
 from ._base import AbstractSolver, FiniteWatch, Grid, VectorField, evaluate
 
 Brownian = Callable[[float, float, int], Tensor]
@@ -157,8 +159,38 @@ class _ReversibleAdjoint(torch.autograd.Function):
                 "backward ran twice through the same reversible Heun solve; solve again."
             )
         ctx.state = None
-        grads = _adjoint(problem, params, state, d_ys)
+        problem, aliases = _hooks_once(problem, params)
+        grads = _adjoint(problem, aliases, state, d_ys)
         return (None, None, *grads)
+
+
+def _hooks_once(problem: Problem, params: Sequence[Tensor]) -> tuple[Problem, list[Tensor]]:
+    """NOTE [hooks once]: the adjoint takes one partial gradient per step with autograd.grad,
+    which would run a parameter's tensor hooks (register_hook) on every partial, before
+    autograd runs them once more on the total this node returns. Fields that are modules are
+    therefore evaluated with detached aliases of their hooked parameters, and the partials
+    are read off the aliases. Returns the problem to walk and the tensors to differentiate."""
+    aliases = {id(p): p.detach().requires_grad_() for p in params if p._backward_hooks}
+    if not aliases:
+        return problem, list(params)
+    reached: set[int] = set()
+
+    def aliased(field: VectorField | None) -> VectorField | None:
+        if not isinstance(field, nn.Module):
+            return field
+        swap = {n: aliases[id(p)] for n, p in field.named_parameters() if id(p) in aliases}
+        reached.update(id(p) for p in field.parameters() if id(p) in aliases)
+        return lambda t, y: functional_call(field, swap, (t, y))
+
+    swapped = Problem(aliased(problem.f), aliased(problem.g), problem.grid, problem.brownian)
+    if reached != aliases.keys():
+        raise ReversibilityError(
+            "a tensor in adjoint_params has a tensor hook (register_hook) and is not a "
+            "parameter of an nn.Module field, so the reversible adjoint would run the hook once "
+            "per step. Register it with register_post_accumulate_grad_hook instead, make the "
+            "field an nn.Module that owns the tensor, or solve with ReversibleHeun(adjoint=False)."
+        )
+    return swapped, [aliases.get(id(p), p) for p in params]
 
 
 def _adjoint(
@@ -172,6 +204,7 @@ def _adjoint(
     leaf = final.yh.detach().requires_grad_()
     with torch.enable_grad():
         f, g = problem.fields(n_steps, leaf)
+    _check_tracked([f] if g is None else [f, g], [leaf, *params])
     state = HeunState(final.y, final.yh, f, g)
     a_y = d_ys[output_at[n_steps]].clone()
     # b is the adjoint of yh_{n+1} including what flows through f_{n+1} and g_{n+1}; the
@@ -198,6 +231,18 @@ def _adjoint(
     # y0 is also yh_0, the point where f_0 and g_0 were evaluated.
     a_y0 = (a_y - b).add_(_vjp(state, leaf, params, a_f, a_g, totals))
     return [a_y0, *totals]
+
+
+def _check_tracked(fields: list[Tensor], known: list[Tensor]) -> None:
+    """The adjoint returns gradients for y0 and the listed parameters only: refuse others."""
+    stray = stray_leaves(fields, known)
+    if stray:
+        raise untracked_error(
+            "the vector field",
+            stray,
+            "List every tensor the fields should train in adjoint_params (it replaces the "
+            "parameters of f and g when given), or detach those that should not train.",
+        )
 
 
 def _vjp(

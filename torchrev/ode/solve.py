@@ -51,7 +51,8 @@ def odeint(
     the parameters equal backpropagation through the same steps while memory stays constant in
     the number of steps; the other methods backpropagate through their steps. The parameters
     are those of ``f`` if it is an ``nn.Module``; otherwise pass them as ``adjoint_params``
-    (tensors ``f`` closes over and that are not listed get no gradient from the adjoint).
+    (a trainable tensor ``f`` reaches that is not listed raises ``ReversibilityError`` in
+    backward rather than getting no gradient).
     """
     solver = _solver(method)
     grid = Grid.build(t, dt)

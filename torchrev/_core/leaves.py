@@ -1,0 +1,46 @@
+"""Find tensors a recomputation reaches but cannot return gradients for.
+
+A custom backward can only hand autograd gradients for its node's inputs. A branch (or an ODE
+vector field) that closes over some other tensor requiring grad, say one kept as a plain
+attribute instead of an ``nn.Parameter``, would have that gradient dropped without a word.
+The recomputation's graph shows every leaf it reaches, so such tensors are caught there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from torch import Tensor
+
+from .errors import ReversibilityError
+
+
+def graph_leaves(outputs: Sequence[Tensor]) -> list[Tensor]:
+    """The tensors requiring grad that ``outputs``' autograd graph would accumulate into."""
+    seen: set[object] = set()
+    pending = [t.grad_fn for t in outputs]
+    leaves = []
+    while pending:
+        node = pending.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):
+            leaves.append(node.variable)
+        pending.extend(child for child, _ in node.next_functions)
+    return leaves
+
+
+def stray_leaves(outputs: Sequence[Tensor], known: Iterable[Tensor]) -> list[Tensor]:
+    """The leaves of ``outputs``' graph that are not among ``known``."""
+    ids = {id(t) for t in known}
+    return [leaf for leaf in graph_leaves(outputs) if id(leaf) not in ids]
+
+
+def untracked_error(what: str, stray: Sequence[Tensor], fix: str) -> ReversibilityError:
+    shapes = ", ".join(str(tuple(t.shape)) for t in stray)
+    return ReversibilityError(
+        f"{what} uses {len(stray)} tensor(s) requiring grad (shapes {shapes}) that the "
+        f"reversible backward cannot return gradients for, so they would silently get none. "
+        f"{fix}"
+    )
