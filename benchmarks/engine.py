@@ -6,7 +6,8 @@ streams of ``width`` features, fed a (batch, 2 * width) input. For each method i
 * the peak of live tensor bytes during a training step beyond parameters and gradients
   (deterministic, :class:`torchrev.bench.LiveTensorBytes`; on CUDA also
   ``torch.cuda.max_memory_allocated`` above the same baseline), and
-* the step time as a ratio to plain autograd, median of interleaved repeats in this run, and
+* the step time as a ratio to plain autograd in this run: steps interleaved round-robin, the
+  ratio taken within each round and its median reported (robust to the machine's drift), and
 * the flops of a step (matrix products, counted through the dispatcher) as a ratio to plain
   autograd: the floor under each method's time ratio. One recomputation per block costs
   4/3; torch's checkpoint stops recomputing once it has what backward saves, skipping each
@@ -23,6 +24,7 @@ import argparse
 import copy
 import importlib.util
 import platform
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,7 +34,8 @@ from torch.utils.checkpoint import checkpoint
 
 import torchrev
 from torchrev.bench import (
-    interleaved_medians,
+    interleaved_times,
+    median_ratio,
     retain_freed_memory,
     step_flops,
     step_memory,
@@ -148,17 +151,17 @@ def measure_time(
     steps = {m: make_step(build(m, width, depth, device), x) for m in methods}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     flops = {m: step_flops(step) for m, step in steps.items()}
-    medians = interleaved_medians(steps, repeats=repeats, warmup=1, sync=sync)
-    base = medians["plain autograd"]
-    return {
-        m: {
-            "seconds": s,
-            "time_ratio": s / base,
-            "samples_per_s": batch / s,
+    times = interleaved_times(steps, repeats=repeats, warmup=1, sync=sync)
+    rows = {}
+    for m, ts in times.items():
+        seconds = statistics.median(ts)
+        rows[m] = {
+            "seconds": seconds,
+            "time_ratio": median_ratio(ts, times["plain autograd"]),
+            "samples_per_s": batch / seconds,
             "flop_ratio": flops[m] / flops["plain autograd"],
         }
-        for m, s in medians.items()
-    }
+    return rows
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -221,8 +224,8 @@ def describe(args: argparse.Namespace) -> str:
     return (
         f"torch {torch.__version__}, {device.type} ({where or platform.machine()}), "
         f"{torch.get_num_threads()} threads; memory at batch {args.batch}; time at width "
-        f"{args.time_width}, batch {args.time_batch}, median of {args.repeats} interleaved "
-        f"repeats, as a ratio to plain autograd; flops of a step as a ratio to plain autograd's; "
+        f"{args.time_width}, batch {args.time_batch}, {args.repeats} interleaved rounds, median "
+        f"of the per-round ratio to plain autograd; flops of a step over plain autograd's; "
         f"allocator: {args.malloc}"
     )
 

@@ -89,3 +89,12 @@ def test_convert_benchmark_quick(tmp_path):
     meft = next(r for r in rows if r["method"].startswith("MEFT1, 12"))
     assert meft["vs_full"] < 1
     assert all(r["ratio"] > 1 for r in rows if "ratio" in r)
+
+
+def test_median_ratio_cancels_drift_within_rounds():
+    from torchrev.bench import median_ratio
+
+    base = [1.0, 2.0, 4.0, 8.0]  # the machine slows down round after round
+    assert median_ratio([1.5 * b for b in base], base) == 1.5
+    with pytest.raises(ValueError):
+        median_ratio([1.0], base)  # rounds must pair up

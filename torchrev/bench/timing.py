@@ -1,4 +1,4 @@
-"""Step-time ratios measured fairly: interleaved repeats in one process, medians compared."""
+"""Step-time ratios measured fairly: interleaved repeats in one process, compared per round."""
 
 from __future__ import annotations
 
@@ -31,19 +31,19 @@ def retain_freed_memory() -> bool:
     )
 
 
-def interleaved_medians(
+def interleaved_times(
     steps: dict[str, Callable[[], object]],
     repeats: int = 5,
     warmup: int = 1,
     sync: Callable[[], None] = lambda: None,
-) -> dict[str, float]:
-    """Median seconds per call of each step, calling them round-robin ``repeats`` times.
+) -> dict[str, list[float]]:
+    """Seconds of each call of each step, calling them round-robin ``repeats`` times.
 
-    Interleaving spreads slow drifts of the machine (thermal, other load) over every method
-    instead of charging them to whichever ran last, and each round starts one method later so
-    that no method always runs right after the same other one (whose leftovers in the caches and
-    the allocator would otherwise help or hurt it every time). ``sync`` waits for asynchronous
-    devices (pass ``torch.cuda.synchronize`` on a GPU).
+    Entry ``r`` of every list comes from round ``r``. Interleaving spreads slow drifts of the
+    machine (thermal, other load) over every method instead of charging them to whichever ran
+    last, and each round starts one method later so that no method always runs right after the
+    same other one (whose leftovers in the caches and the allocator would otherwise help or
+    hurt it every time). ``sync`` waits for asynchronous devices (``torch.cuda.synchronize``).
     """
     names = list(steps)
     for _ in range(warmup):
@@ -57,4 +57,25 @@ def interleaved_medians(
             steps[name]()
             sync()
             times[name].append(time.perf_counter() - start)
+    return times
+
+
+def interleaved_medians(
+    steps: dict[str, Callable[[], object]],
+    repeats: int = 5,
+    warmup: int = 1,
+    sync: Callable[[], None] = lambda: None,
+) -> dict[str, float]:
+    """Median seconds per call of each step, from :func:`interleaved_times`."""
+    times = interleaved_times(steps, repeats, warmup, sync)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def median_ratio(times: list[float], base: list[float]) -> float:
+    """Median over rounds of ``times[r] / base[r]``: the paired estimate of a time ratio.
+
+    On a shared machine the speed drifts by tens of percent within a minute; a ratio taken
+    within each round (a fraction of a second) cancels the drift, so its median moves far less
+    between runs than the ratio of two separate medians does.
+    """
+    return statistics.median(t / b for t, b in zip(times, base, strict=True))

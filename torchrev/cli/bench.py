@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import statistics
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..bench.memory import MiB, training_step_peak
-from ..bench.timing import interleaved_medians, retain_freed_memory
+from ..bench.timing import interleaved_times, median_ratio, retain_freed_memory
 from ..models import create_model, model_info
 from ..models._base import AbstractReversibleModel
 from .checkpoint import CliError
@@ -89,10 +90,10 @@ def _measure(model: AbstractReversibleModel, depth: int, batch: int, repeats: in
             step()
 
         steps[form] = timed
-    seconds = interleaved_medians(steps, repeats=repeats)
+    times = interleaved_times(steps, repeats=repeats)
     for row in rows:
-        row["seconds"] = seconds[row["form"]]
-        row["time_ratio"] = seconds[row["form"]] / seconds["plain"]
+        row["seconds"] = statistics.median(times[row["form"]])
+        row["time_ratio"] = median_ratio(times[row["form"]], times["plain"])
     return rows
 
 
