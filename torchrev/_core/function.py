@@ -77,6 +77,8 @@ class _Call:
         self.static_kwargs = {k: v for k, v in kwargs.items() if not isinstance(v, Tensor)}
 
     def kwargs(self, tensors: Sequence[Tensor]) -> dict[str, Any]:
+        if not self.tensor_names:
+            return self.static_kwargs  # branches receive it unpacked, as a fresh dict
         return {**self.static_kwargs, **dict(zip(self.tensor_names, tensors))}
 
 

@@ -8,7 +8,7 @@ written twice. These helpers do that for the three pieces of global state that m
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -41,9 +41,12 @@ class RngState:
 
     @classmethod
     def capture(cls, device: torch.device) -> RngState:
+        cpu = torch.default_generator.get_state()  # what torch.get_rng_state returns
+        if device.type == "cpu":
+            return cls(cpu, device, None)  # the common case, on the per-step path
         acc = _accelerator(device)
         state = None if acc is None else acc[0].get_rng_state(acc[1])  # type: ignore[attr-defined]
-        return cls(torch.get_rng_state(), device, state)
+        return cls(cpu, device, state)
 
     def same_as(self, other: RngState) -> bool:
         if not torch.equal(self.cpu, other.cpu):
@@ -89,19 +92,17 @@ class AutocastState:
         )
         return cls(settings, torch.is_autocast_cache_enabled())
 
-    @contextmanager
-    def replayed(self) -> Iterator[None]:
+    def replayed(self) -> AbstractContextManager[object]:
         if not any(enabled for _, enabled, _ in self.settings) and not any(
             torch.is_autocast_enabled(device_type) for device_type, _, _ in self.settings
         ):
-            yield  # off then and off now: nothing to replay
-            return
-        with ExitStack() as stack:
-            for device_type, enabled, dtype in self.settings:
-                stack.enter_context(
-                    torch.autocast(device_type, dtype, enabled, cache_enabled=self.cache_enabled)
-                )
-            yield
+            return nullcontext()  # off then and off now: nothing to replay
+        stack = ExitStack()
+        for device_type, enabled, dtype in self.settings:
+            stack.enter_context(
+                torch.autocast(device_type, dtype, enabled, cache_enabled=self.cache_enabled)
+            )
+        return stack
 
 
 @dataclass(frozen=True)
@@ -136,16 +137,17 @@ def _own_buffers(module: nn.Module) -> list[Tensor]:
     return [b for b in module._buffers.values() if b is not None]
 
 
-@contextmanager
-def buffers_preserved(buffers: tuple[Tensor, ...]) -> Iterator[None]:
+def buffers_preserved(buffers: tuple[Tensor, ...]) -> AbstractContextManager[None]:
     """Undo any write to ``buffers`` made in the body (running statistics, step counters).
 
     NOTE [buffers once]: the recomputation would update batch-norm statistics a second time;
     restoring them afterwards keeps the update the forward made, exactly once per step.
     """
-    if not buffers:
-        yield
-        return
+    return _restored(buffers) if buffers else nullcontext()
+
+
+@contextmanager
+def _restored(buffers: tuple[Tensor, ...]) -> Iterator[None]:
     saved = [b.detach().clone() for b in buffers]
     try:
         yield
