@@ -26,7 +26,7 @@ from torch.func import functional_call
 
 from .block import AbstractReversibleBlock
 from .errors import DOUBLE_BACKWARD, SECOND_BACKWARD, ReversibilityError, ReversibilityWarning
-from .leaves import stray_leaves, untracked_error
+from .leaves import check_tracked
 from .state import AutocastState, BufferWatch, RngState, buffers_preserved
 
 Grads = list[Tensor | None]
@@ -173,7 +173,18 @@ class _Step:
                 views = [s.view_as(s) if w else s for s, w in zip(leaves, want_sources)]
                 h, targets = self._recompute_branch(views, kwargs, targets)
                 if differentiate:
-                    _check_tracked(block.branch_name(index), h, [*leaves, *targets])
+                    # NOTE [closed-over tensors]: a gradient can only leave a step through its
+                    # node's inputs; any other trainable tensor the branch reaches is an error
+                    # rather than a gradient silently lost.
+                    name = block.branch_name(index)
+                    check_tracked(
+                        [h],
+                        [*leaves, *targets],
+                        name,
+                        f"Make each one an nn.Parameter of a module inside {name}, pass it to "
+                        f"the stack call as a keyword argument, or detach it if it should not "
+                        f"train.",
+                    )
             with torch.no_grad():
                 # NOTE [in-place revert]: the tape's value of the target stream has no other
                 # reader, and it is always the engine's own tensor: the caller holds copies of
@@ -213,20 +224,6 @@ class _Step:
         }
         h = functional_call(branch, dict(hooked.values()), tuple(sources), kwargs)
         return h, [hooked[id(t)][1] if id(t) in hooked else t for t in targets]
-
-
-def _check_tracked(name: str, h: Tensor, known: list[Tensor]) -> None:
-    """NOTE [closed-over tensors]: a gradient can only leave a step through its node's inputs
-    (parameters, streams, tensor kwargs); any other trainable tensor the branch reaches is an
-    error here rather than a gradient silently lost."""
-    stray = stray_leaves([h], known)
-    if stray:
-        raise untracked_error(
-            name,
-            stray,
-            f"Make each one an nn.Parameter of a module inside {name}, pass it to the stack "
-            f"call as a keyword argument, or detach it if it should not train.",
-        )
 
 
 def _verify(rebuilt: list[Tensor | None], tolerance: float, inputs: tuple[Tensor, ...]) -> None:

@@ -31,16 +31,14 @@ def graph_leaves(outputs: Sequence[Tensor]) -> list[Tensor]:
     return leaves
 
 
-def stray_leaves(outputs: Sequence[Tensor], known: Iterable[Tensor]) -> list[Tensor]:
-    """The leaves of ``outputs``' graph that are not among ``known``."""
+def check_tracked(outputs: Sequence[Tensor], known: Iterable[Tensor], what: str, fix: str) -> None:
+    """Raise if ``outputs`` depend on a tensor requiring grad that is not among ``known``."""
     ids = {id(t) for t in known}
-    return [leaf for leaf in graph_leaves(outputs) if id(leaf) not in ids]
-
-
-def untracked_error(what: str, stray: Sequence[Tensor], fix: str) -> ReversibilityError:
-    shapes = ", ".join(str(tuple(t.shape)) for t in stray)
-    return ReversibilityError(
-        f"{what} uses {len(stray)} tensor(s) requiring grad (shapes {shapes}) that the "
-        f"reversible backward cannot return gradients for, so they would silently get none. "
-        f"{fix}"
-    )
+    stray = [leaf for leaf in graph_leaves(outputs) if id(leaf) not in ids]
+    if stray:
+        shapes = ", ".join(str(tuple(t.shape)) for t in stray)
+        raise ReversibilityError(
+            f"{what} uses {len(stray)} tensor(s) requiring grad (shapes {shapes}) that the "
+            f"reversible backward cannot return gradients for, so they would silently get "
+            f"none. {fix}"
+        )

@@ -60,17 +60,6 @@ def interleaved_times(
     return times
 
 
-def interleaved_medians(
-    steps: dict[str, Callable[[], object]],
-    repeats: int = 5,
-    warmup: int = 1,
-    sync: Callable[[], None] = lambda: None,
-) -> dict[str, float]:
-    """Median seconds per call of each step, from :func:`interleaved_times`."""
-    times = interleaved_times(steps, repeats, warmup, sync)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
 def median_ratio(times: list[float], base: list[float]) -> float:
     """Median over rounds of ``times[r] / base[r]``: the paired estimate of a time ratio.
 

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .._core.errors import DOUBLE_BACKWARD, ReversibilityError
-from .._core.leaves import stray_leaves, untracked_error
+from .._core.leaves import check_tracked
 from ._base import AbstractSolver, FiniteWatch, Grid, VectorField, evaluate
 
 Brownian = Callable[[float, float, int], Tensor]
@@ -204,7 +204,14 @@ def _adjoint(
     leaf = final.yh.detach().requires_grad_()
     with torch.enable_grad():
         f, g = problem.fields(n_steps, leaf)
-    _check_tracked([f] if g is None else [f, g], [leaf, *params])
+    # Gradients leave the adjoint for y0 and the listed parameters only: refuse any other.
+    check_tracked(
+        [f] if g is None else [f, g],
+        [leaf, *params],
+        "the vector field",
+        "List every tensor the fields should train in adjoint_params (it replaces the "
+        "parameters of f and g when given), or detach those that should not train.",
+    )
     state = HeunState(final.y, final.yh, f, g)
     a_y = d_ys[output_at[n_steps]].clone()
     # b is the adjoint of yh_{n+1} including what flows through f_{n+1} and g_{n+1}; the
@@ -231,18 +238,6 @@ def _adjoint(
     # y0 is also yh_0, the point where f_0 and g_0 were evaluated.
     a_y0 = (a_y - b).add_(_vjp(state, leaf, params, a_f, a_g, totals))
     return [a_y0, *totals]
-
-
-def _check_tracked(fields: list[Tensor], known: list[Tensor]) -> None:
-    """The adjoint returns gradients for y0 and the listed parameters only: refuse others."""
-    stray = stray_leaves(fields, known)
-    if stray:
-        raise untracked_error(
-            "the vector field",
-            stray,
-            "List every tensor the fields should train in adjoint_params (it replaces the "
-            "parameters of f and g when given), or detach those that should not train.",
-        )
 
 
 def _vjp(
