@@ -182,20 +182,14 @@ def run(args: argparse.Namespace) -> list[dict]:
                     f"{row['live_mib']:9.2f} MiB",
                     flush=True,
                 )
-    for depth in args.depths:
-        times = measure_time(methods, args.time_width, depth, args.time_batch, args.repeats, device)
+    for width, depth in args.time_at:
+        times = measure_time(methods, width, depth, args.time_batch, args.repeats, device)
         for method, t in times.items():
             rows.append(
-                {
-                    "method": method,
-                    "width": args.time_width,
-                    "depth": depth,
-                    "batch": args.time_batch,
-                    **t,
-                }
+                {"method": method, "width": width, "depth": depth, "batch": args.time_batch, **t}
             )
             print(
-                f"time    width={args.time_width:<5} depth={depth:<3} {method:<16} "
+                f"time    width={width:<5} depth={depth:<3} {method:<16} "
                 f"{t['time_ratio']:6.3f}x plain ({t['flop_ratio']:.3f}x its flops)",
                 flush=True,
             )
@@ -203,18 +197,22 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def table(rows: list[dict], args: argparse.Namespace) -> str:
+    """Two tables: activation memory by width and depth, then flops and time ratios."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
     memory = {(r["method"], r["width"], r["depth"]): r["live_mib"] for r in rows if "live_mib" in r}
-    times = {(r["method"], r["depth"]): r["time_ratio"] for r in rows if "time_ratio" in r}
-    flops = {r["method"]: r["flop_ratio"] for r in rows if "flop_ratio" in r}  # same at any depth
+    times = {(r["method"], r["width"], r["depth"]): r for r in rows if "time_ratio" in r}
     cols = [(w, d) for w in args.widths for d in args.depths]
-    head = "| method | " + " | ".join(f"w{w} L{d} MiB" for w, d in cols)
-    head += " | flops | " + " | ".join(f"time L{d}" for d in args.depths) + " |"
-    lines = [head, "|" + "---|" * (2 + len(cols) + len(args.depths))]
+    lines = ["| method | " + " | ".join(f"w{w} L{d} MiB" for w, d in cols) + " |"]
+    lines.append("|" + "---|" * (1 + len(cols)))
     for m in methods:
-        mem = " | ".join(f"{memory[(m, w, d)]:.1f}" for w, d in cols)
-        tim = " | ".join(f"{times[(m, d)]:.2f}x" for d in args.depths)
-        lines.append(f"| {m} | {mem} | {flops[m]:.3f}x | {tim} |")
+        lines.append(f"| {m} | " + " | ".join(f"{memory[(m, *c)]:.1f}" for c in cols) + " |")
+    points = args.time_at
+    lines += ["", "| method | flops | " + " | ".join(f"time w{w} L{d}" for w, d in points) + " |"]
+    lines.append("|" + "---|" * (2 + len(points)))
+    for m in methods:
+        flops = times[(m, *points[0])]["flop_ratio"]  # the same at every width and depth
+        tim = " | ".join(f"{times[(m, *p)]['time_ratio']:.2f}x" for p in points)
+        lines.append(f"| {m} | {flops:.3f}x | {tim} |")
     return "\n".join(lines)
 
 
@@ -223,11 +221,17 @@ def describe(args: argparse.Namespace) -> str:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     return (
         f"torch {torch.__version__}, {device.type} ({where or platform.machine()}), "
-        f"{torch.get_num_threads()} threads; memory at batch {args.batch}; time at width "
-        f"{args.time_width}, batch {args.time_batch}, {args.repeats} interleaved rounds, median "
-        f"of the per-round ratio to plain autograd; flops of a step over plain autograd's; "
-        f"allocator: {args.malloc}"
+        f"{torch.get_num_threads()} threads; memory at batch {args.batch}; time at batch "
+        f"{args.time_batch}, {args.repeats} interleaved rounds, median of the per-round ratio "
+        f"to plain autograd; flops of a step over plain autograd's; allocator: {args.malloc}"
     )
+
+
+def _width_by_depth(text: str) -> tuple[int, int]:
+    width, _, depth = text.partition("x")
+    if not (width.isdigit() and depth.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected WIDTHxDEPTH such as 256x32, got {text!r}")
+    return int(width), int(depth)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -235,7 +239,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--widths", type=int, nargs="+", default=[64, 256, 1024])
     parser.add_argument("--depths", type=int, nargs="+", default=[8, 32, 64])
     parser.add_argument("--batch", type=int, default=512)
-    parser.add_argument("--time-width", type=int, default=256)
+    parser.add_argument(
+        "--time-at",
+        type=_width_by_depth,
+        nargs="+",
+        default=[(64, 8), (256, 8), (256, 32), (256, 64), (1024, 8)],
+        metavar="WIDTHxDEPTH",
+        help="where to time the step (default: 64x8 256x8 256x32 256x64 1024x8)",
+    )
     parser.add_argument("--time-batch", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument(

@@ -154,3 +154,17 @@ def test_nested_reversible_stacks():
     couplings = [torchrev.AdditiveCoupling(Nested(), Nested()) for _ in range(3)]
     stack = torchrev.ReversibleSequential(*couplings).to(F64)
     compare_with_plain(stack, streams(4, 6), rtol=1e-10)
+
+
+def test_public_autograd_grad_path_gives_the_same_gradients(monkeypatch):
+    # NOTE [engine call]: without torch's inner call the engine uses torch.autograd.grad.
+    monkeypatch.setattr(torchrev._core.function, "_engine_run_backward", None)
+    calls = []
+    public = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: calls.append(1) or public(*a, **k))
+    stack = conditioned_stack(3)
+    x1, x2 = streams(5, 6)
+    mask = torch.randn(5, 6, dtype=F64)
+    scale = torch.randn(6, dtype=F64, requires_grad=True)
+    compare_with_plain(stack, (x1, x2), 1e-10, extra=(scale,), mask=mask, scale=scale)
+    assert len(calls) == 2 + 6  # the plain and reversible grads_of, then one per step

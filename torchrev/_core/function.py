@@ -23,6 +23,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.overrides import has_torch_function
+
+try:  # torch's own inner call of autograd.grad; see NOTE [engine call]
+    from torch.autograd.graph import _engine_run_backward
+except ImportError:  # pragma: no cover - older or newer torch: the public call instead
+    _engine_run_backward = None
 
 from .block import AbstractReversibleBlock
 from .errors import DOUBLE_BACKWARD, SECOND_BACKWARD, ReversibilityError, ReversibilityWarning
@@ -30,6 +36,10 @@ from .leaves import check_tracked
 from .state import AutocastState, BufferWatch, RngState, buffers_preserved
 
 Grads = list[Tensor | None]
+_UNTRACKED = (
+    "Make each one an nn.Parameter of a module inside {what}, pass it to the stack call as a "
+    "keyword argument, or detach it if it should not train."
+)
 
 
 @dataclass
@@ -176,15 +186,7 @@ class _Step:
                     # NOTE [closed-over tensors]: a gradient can only leave a step through its
                     # node's inputs; any other trainable tensor the branch reaches is an error
                     # rather than a gradient silently lost.
-                    name = block.branch_name(index)
-                    check_tracked(
-                        [h],
-                        [*leaves, *targets],
-                        name,
-                        f"Make each one an nn.Parameter of a module inside {name}, pass it to "
-                        f"the stack call as a keyword argument, or detach it if it should not "
-                        f"train.",
-                    )
+                    check_tracked([h], [*leaves, *targets], block.branch_name(index), _UNTRACKED)
             with torch.no_grad():
                 # NOTE [in-place revert]: the tape's value of the target stream has no other
                 # reader, and it is always the engine's own tensor: the caller holds copies of
@@ -245,9 +247,24 @@ def _verify(rebuilt: list[Tensor | None], tolerance: float, inputs: tuple[Tensor
 
 
 def _grad(output: Tensor, inputs: list[Tensor], grad_output: Tensor) -> Grads:
+    """``torch.autograd.grad(output, inputs, grad_output, allow_unused=True)``, made cheaper.
+
+    NOTE [engine call]: for plain tensors ``torch.autograd.grad`` validates and converts its
+    arguments in Python (shape checks, ``__torch_function__`` dispatch) and then calls
+    ``_engine_run_backward``. Every step's backward calls it once with arguments that are
+    right by construction, and at small sizes that wrapper costs as much as the rest of the
+    step's Python, so the engine calls the inner function itself when torch has it and no
+    argument overrides torch functions.
+    """
     if not inputs or not output.requires_grad:
         return [None] * len(inputs)
-    return list(torch.autograd.grad(output, inputs, grad_output, allow_unused=True))
+    if _engine_run_backward is None or has_torch_function((output, grad_output, *inputs)):
+        return list(torch.autograd.grad(output, inputs, grad_output, allow_unused=True))
+    return list(
+        _engine_run_backward(
+            (output,), (grad_output,), False, False, tuple(inputs), True, accumulate_grad=False
+        )
+    )
 
 
 class _StepFunction(torch.autograd.Function):
@@ -344,19 +361,7 @@ def _step_contents(
     """
     branches = [block.branch(i) for i in range(len(block.steps))]
     walks = [_submodules(b) for b in branches]
-    inside = {id(p) for walk in walks for m in walk for p in m._parameters.values()}
-    own = [
-        p
-        for m in _submodules(block, skip={id(b) for b in branches})
-        for p in m._parameters.values()
-        if p is not None and id(p) not in inside
-    ]
-    if any(p.requires_grad and p._backward_hooks for p in own):
-        raise ReversibilityError(
-            f"a parameter of {type(block).__name__} outside its branches has a tensor hook "
-            f"(register_hook); the reversible backward would run it twice. Register the hook "
-            f"with register_post_accumulate_grad_hook, or on a parameter of a branch."
-        )
+    own = _own_parameters(block, branches, walks)
     contents = []
     for walk in walks:
         params = {id(p): p for m in walk for p in m._parameters.values() if p is not None}
@@ -364,6 +369,25 @@ def _step_contents(
         trainable = [p for p in params.values() if p.requires_grad]
         contents.append((trainable, tuple(m for m in walk if m._buffers)))
     return contents
+
+
+def _own_parameters(
+    block: AbstractReversibleBlock, branches: list[nn.Module], walks: list[list[nn.Module]]
+) -> list[Tensor]:
+    """Parameters of ``block`` in none of its branches (those ``update`` may use)."""
+    outside = _submodules(block, skip={id(b) for b in branches})
+    candidates = [p for m in outside for p in m._parameters.values() if p is not None]
+    if not candidates:
+        return candidates  # the usual case: a block is its branches
+    inside = {id(p) for walk in walks for m in walk for p in m._parameters.values()}
+    own = [p for p in candidates if id(p) not in inside]
+    if any(p.requires_grad and p._backward_hooks for p in own):
+        raise ReversibilityError(
+            f"a parameter of {type(block).__name__} outside its branches has a tensor hook "
+            f"(register_hook); the reversible backward would run it twice. Register the hook "
+            f"with register_post_accumulate_grad_hook, or on a parameter of a branch."
+        )
+    return own
 
 
 def _submodules(root: nn.Module, skip: set[int] | None = None) -> list[nn.Module]:

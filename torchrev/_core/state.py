@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -26,9 +27,16 @@ def _accelerator(device: torch.device) -> tuple[object, int] | None:
     return module, index
 
 
-@dataclass(frozen=True)
-class RngState:
+def _words(state: Tensor) -> Tensor:
+    """A generator state (bytes) viewed as 64-bit words where its size allows: ``torch.equal``
+    on those is several times faster, and it runs on every step to see if a branch drew."""
+    return state.view(torch.int64) if state.numel() % 8 == 0 else state
+
+
+class RngState(NamedTuple):
     """The CPU generator's state and, for an accelerator input, that device's generator state.
+
+    A named tuple rather than a frozen dataclass: it is built on every step, and cheaply.
 
     NOTE [RNG replay]: the forward records the state before each branch; the recomputation
     in backward sets it, runs the branch, and restores the caller's state, so dropout masks are
@@ -41,12 +49,12 @@ class RngState:
 
     @classmethod
     def capture(cls, device: torch.device) -> RngState:
-        cpu = torch.default_generator.get_state()  # what torch.get_rng_state returns
+        cpu = _words(torch.default_generator.get_state())  # what torch.get_rng_state returns
         if device.type == "cpu":
             return cls(cpu, device, None)  # the common case, on the per-step path
         acc = _accelerator(device)
         state = None if acc is None else acc[0].get_rng_state(acc[1])  # type: ignore[attr-defined]
-        return cls(cpu, device, state)
+        return cls(cpu, device, None if state is None else _words(state))
 
     def same_as(self, other: RngState) -> bool:
         if not torch.equal(self.cpu, other.cpu):
@@ -56,10 +64,10 @@ class RngState:
         return torch.equal(self.accelerator, other.accelerator)
 
     def restore(self) -> None:
-        torch.set_rng_state(self.cpu)
+        torch.set_rng_state(self.cpu.view(torch.uint8))
         acc = _accelerator(self.device)
         if acc is not None and self.accelerator is not None:
-            acc[0].set_rng_state(self.accelerator, acc[1])  # type: ignore[attr-defined]
+            acc[0].set_rng_state(self.accelerator.view(torch.uint8), acc[1])  # type: ignore[attr-defined]
 
     @contextmanager
     def replayed(self) -> Iterator[None]:
@@ -83,6 +91,8 @@ class AutocastState:
 
     settings: tuple[tuple[str, bool, torch.dtype], ...]
     cache_enabled: bool
+    device_types: tuple[str, ...]  # those of settings; with enabled, read on every step
+    enabled: bool  # whether any setting has autocast on
 
     @classmethod
     def capture(cls, device: torch.device) -> AutocastState:
@@ -90,12 +100,11 @@ class AutocastState:
         settings = tuple(
             (t, torch.is_autocast_enabled(t), torch.get_autocast_dtype(t)) for t in types
         )
-        return cls(settings, torch.is_autocast_cache_enabled())
+        enabled = any(on for _, on, _ in settings)
+        return cls(settings, torch.is_autocast_cache_enabled(), types, enabled)
 
     def replayed(self) -> AbstractContextManager[object]:
-        if not any(enabled for _, enabled, _ in self.settings) and not any(
-            torch.is_autocast_enabled(device_type) for device_type, _, _ in self.settings
-        ):
+        if not self.enabled and not any(map(torch.is_autocast_enabled, self.device_types)):
             return nullcontext()  # off then and off now: nothing to replay
         stack = ExitStack()
         for device_type, enabled, dtype in self.settings:
@@ -115,6 +124,8 @@ class BufferWatch:
     @classmethod
     def start(cls, owners: tuple[nn.Module, ...]) -> BufferWatch:
         """Watch the buffers of ``owners``, the submodules that hold any."""
+        if not owners:
+            return _NOTHING_TO_WATCH  # the common case, on the per-step path
         versions = tuple(tuple(b._version for b in _own_buffers(m)) for m in owners)
         return cls(owners, versions)
 
@@ -131,6 +142,9 @@ class BufferWatch:
             if tuple(b._version for b in buffers) != before:
                 out.extend(buffers)
         return tuple(out)
+
+
+_NOTHING_TO_WATCH = BufferWatch((), ())
 
 
 def _own_buffers(module: nn.Module) -> list[Tensor]:
