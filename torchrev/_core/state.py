@@ -91,8 +91,6 @@ class AutocastState:
 
     settings: tuple[tuple[str, bool, torch.dtype], ...]
     cache_enabled: bool
-    device_types: tuple[str, ...]  # those of settings; with enabled, read on every step
-    enabled: bool  # whether any setting has autocast on
 
     @classmethod
     def capture(cls, device: torch.device) -> AutocastState:
@@ -100,11 +98,12 @@ class AutocastState:
         settings = tuple(
             (t, torch.is_autocast_enabled(t), torch.get_autocast_dtype(t)) for t in types
         )
-        enabled = any(on for _, on, _ in settings)
-        return cls(settings, torch.is_autocast_cache_enabled(), types, enabled)
+        return cls(settings, torch.is_autocast_cache_enabled())
 
     def replayed(self) -> AbstractContextManager[object]:
-        if not self.enabled and not any(map(torch.is_autocast_enabled, self.device_types)):
+        if not any(enabled for _, enabled, _ in self.settings) and not any(
+            torch.is_autocast_enabled(device_type) for device_type, _, _ in self.settings
+        ):
             return nullcontext()  # off then and off now: nothing to replay
         stack = ExitStack()
         for device_type, enabled, dtype in self.settings:
