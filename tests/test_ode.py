@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from tests.helpers import assert_close_tensors
 from torchrev import ReversibilityError
@@ -137,6 +138,27 @@ def test_adjoint_equals_backprop_through_the_same_steps(sde):
         else:
             run = lambda m=method: odeint(f, y0, t, dt=0.01, method=m)  # noqa: E731
         results.append(gradients(run, y0, params))
+    assert_close_tensors(results[1], results[0], 1e-8)
+
+
+class DoubledTanh(TorchFunctionMode):
+    """Rewrites the field's tanh: the adjoint must re-evaluate the field under it too."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        return 2 * out if func is torch.tanh else out
+
+
+def test_adjoint_replays_the_forward_torch_function_modes():
+    torch.manual_seed(0)
+    f = Field().to(F64)
+    y0 = torch.randn(5, 3, dtype=F64, requires_grad=True)
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=F64)
+    results = []
+    with DoubledTanh():
+        for method in (ReversibleHeun(adjoint=False), "reversible_heun"):
+            run = lambda m=method: odeint(f, y0, t, dt=0.05, method=m)  # noqa: E731
+            results.append(gradients(run, y0, list(f.parameters())))
     assert_close_tensors(results[1], results[0], 1e-8)
 
 

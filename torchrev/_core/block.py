@@ -96,21 +96,22 @@ class AbstractReversibleBlock(nn.Module, ABC):
         """Evaluate step ``step``'s branch and check its output can update ``target``."""
         versions = [s._version for s in sources]
         h = self.branch(step)(*sources, **kwargs)
-        name = self.branch_name(step)
         if any(s._version != v for s, v in zip(sources, versions)):
-            raise ReversibilityError(inplace_branch_message(name))
+            raise ReversibilityError(inplace_branch_message(self.branch_name(step)))
         if not isinstance(h, Tensor):
             raise TypeError(
-                f"{name} returned {type(h).__name__}; it must return one Tensor. If it returns "
-                f"a tuple (as some attention modules do), wrap it to pick the tensor."
+                f"{self.branch_name(step)} returned {type(h).__name__}; it must return one "
+                f"Tensor. If it returns a tuple (as some attention modules do), wrap it to pick "
+                f"the tensor."
             )
         expected = self.branch_shape(target, step)
         if h.shape != expected:
             shapes = ", ".join(str(tuple(s.shape)) for s in sources)
             raise ValueError(
-                f"{name} returned shape {tuple(h.shape)} but must return {tuple(expected)} to "
-                f"update a stream of shape {tuple(target.shape)} (its input had shape {shapes}). "
-                f"Make it preserve the stream shape; broadcasting is not applied."
+                f"{self.branch_name(step)} returned shape {tuple(h.shape)} but must return "
+                f"{tuple(expected)} to update a stream of shape {tuple(target.shape)} (its input "
+                f"had shape {shapes}). Make it preserve the stream shape; broadcasting is not "
+                f"applied."
             )
         return h
 

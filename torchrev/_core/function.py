@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -33,7 +33,8 @@ except ImportError:  # pragma: no cover - older or newer torch: the public call 
 from .block import AbstractReversibleBlock
 from .errors import DOUBLE_BACKWARD, SECOND_BACKWARD, ReversibilityError, ReversibilityWarning
 from .leaves import check_tracked
-from .state import AutocastState, BufferWatch, RngState, buffers_preserved
+from .purity import pure_layers, unobserved
+from .state import AutocastState, BufferWatch, FunctionModes, RngState, buffers_preserved
 
 Grads = list[Tensor | None]
 _UNTRACKED = (
@@ -82,6 +83,7 @@ class _Call:
         self.verify: tuple[float, tuple[Tensor, ...]] | None = None  # tolerance, the inputs
         self.device = device
         self.autocast = AutocastState.capture(device)
+        self.modes = FunctionModes.capture()
         self.rng = RngState.capture(device)  # the state the next branch starts from
         self.tensor_names = tuple(k for k, v in kwargs.items() if isinstance(v, Tensor))
         self.static_kwargs = {k: v for k, v in kwargs.items() if not isinstance(v, Tensor)}
@@ -101,14 +103,14 @@ class _Step:
         block_index: int,
         index: int,
         call: _Call,
-        params: list[Tensor],
-        owners: tuple[nn.Module, ...],
+        contents: StepContents,
     ) -> None:
         self.block, self.block_index, self.index, self.call = block, block_index, index, call
         self.target, self.sources = block.steps[index]
-        self.n_params = len(params)
-        self.hooked = any(p._backward_hooks for p in params)  # only branch parameters can be
-        self.owners = owners
+        self.n_params = len(contents.params)
+        self.hooked = any(p._backward_hooks for p in contents.params)  # only branch ones can be
+        self.owners = contents.owners
+        self.pure = contents.pure  # see NOTE [pure branches]; the forward may revoke it
         self.sequenced = False  # whether the previous step's output is an extra last input
         self.lowest = False  # whether no earlier step will run backward
         self.rng: RngState | None = None
@@ -117,13 +119,14 @@ class _Step:
     def forward(self, inp: Tensor, sources: Sequence[Tensor], leaves: Sequence[Tensor]) -> Tensor:
         block, call = self.block, self.call
         kwargs = call.kwargs(leaves[self.n_params :])
-        before = call.rng
+        self.pure = self.pure and unobserved([*sources, *leaves])
         watch = BufferWatch.start(self.owners)
         h = block.run_branch(self.index, sources, inp, kwargs)
-        after = RngState.capture(call.device)
-        # Keep the state only if the branch drew random numbers (dropout); most do not.
-        self.rng = None if after.same_as(before) else before
-        call.rng = after
+        if not self.pure:  # a pure branch drew nothing: call.rng is still the current state
+            after = RngState.capture(call.device)
+            # Keep the state only if the branch drew random numbers (dropout); most do not.
+            self.rng = None if after.same_as(call.rng) else call.rng
+            call.rng = after
         self.written = watch.written()
         return block.update(inp, h, self.index)
 
@@ -176,13 +179,13 @@ class _Step:
         with buffers_preserved(self.written):
             differentiate = d_out is not None and (want_inp or any(want_sources) or targets)
             replay = nullcontext() if self.rng is None else self.rng.replayed()
-            with torch.set_grad_enabled(bool(differentiate)), replay:
+            with torch.set_grad_enabled(bool(differentiate)), replay, self.call.modes.replayed():
                 leaves = [s.detach().requires_grad_(w) for s, w in zip(sources, want_sources)]
                 # The branch sees non-leaf views: module hooks that watch their inputs'
                 # gradients (torch's ModuleTracker, FlopCounterMode) reject leaves here.
                 views = [s.view_as(s) if w else s for s, w in zip(leaves, want_sources)]
                 h, targets = self._recompute_branch(views, kwargs, targets)
-                if differentiate:
+                if differentiate and not (self.pure and unobserved(())):
                     # NOTE [closed-over tensors]: a gradient can only leave a step through its
                     # node's inputs; any other trainable tensor the branch reaches is an error
                     # rather than a gradient silently lost.
@@ -336,8 +339,8 @@ def reversible_forward(
     for block_index, block in enumerate(blocks):
         if trace is not None:
             trace.forward[block_index] = tuple(v.clone() for v in values)
-        for index, (params, owners) in enumerate(_step_contents(block)):
-            step = _Step(block, block_index, index, call, params, owners)
+        for index, contents in enumerate(_step_contents(block)):
+            step = _Step(block, block_index, index, call, contents)
             inputs = [values[step.target], *(values[j] for j in step.sources)]
             # The previous step's output orders the backward (see _Tape) and tells whether an
             # earlier step will run backward at all.
@@ -345,29 +348,35 @@ def reversible_forward(
             step.sequenced = previous is not None and all(previous is not t for t in inputs)
             extra = [previous] if step.sequenced else []
             values[step.target] = previous = _StepFunction.apply(
-                step, *inputs, *params, *tensors, *extra
+                step, *inputs, *contents.params, *tensors, *extra
             )
     return _Outputs.apply(call, *values)
 
 
-def _step_contents(
-    block: AbstractReversibleBlock,
-) -> list[tuple[list[Tensor], tuple[nn.Module, ...]]]:
-    """Per step: the trainable parameters it may use, and its submodules holding buffers.
+class StepContents(NamedTuple):
+    """What a step's branch may touch, gathered on every call: parameters' ``requires_grad``
+    and hooks may change between calls."""
 
-    A step may use its branch's parameters and the block's own (those in no branch, used by
-    ``update``), never those only other branches have. This runs on every call: parameters'
-    ``requires_grad`` may change between calls.
-    """
+    params: list[Tensor]  # trainable: the branch's and the block's own (used by ``update``)
+    owners: tuple[nn.Module, ...]  # submodules holding buffers
+    pure: bool  # see NOTE [pure branches]
+
+
+def _step_contents(block: AbstractReversibleBlock) -> list[StepContents]:
+    """Per step: the parameters it may use (never those only other branches have), the
+    submodules whose buffers it may write, and whether its branch is pure."""
     branches = [block.branch(i) for i in range(len(block.steps))]
     walks = [_submodules(b) for b in branches]
     own = _own_parameters(block, branches, walks)
+    # A block that overrides run_branch may compute anything around its branches.
+    plain_call = type(block).run_branch is AbstractReversibleBlock.run_branch
     contents = []
     for walk in walks:
         params = {id(p): p for m in walk for p in m._parameters.values() if p is not None}
         params.update((id(p), p) for p in own)
         trainable = [p for p in params.values() if p.requires_grad]
-        contents.append((trainable, tuple(m for m in walk if m._buffers)))
+        owners = tuple(m for m in walk if m._buffers)
+        contents.append(StepContents(trainable, owners, plain_call and pure_layers(walk)))
     return contents
 
 

@@ -1,8 +1,8 @@
-"""Stash and replay the global state a recomputation must see: RNG, autocast, buffers.
+"""Stash and replay the global state a recomputation must see: RNG, autocast, modes, buffers.
 
 A reversible backward re-runs ``f`` and ``g`` long after the forward did. Anything they read
 from outside their inputs must be put back as it was, and anything they write must not be
-written twice. These helpers do that for the three pieces of global state that matter.
+written twice. These helpers do that for the four pieces of global state that matter.
 """
 
 from __future__ import annotations
@@ -111,6 +111,38 @@ class AutocastState:
                 torch.autocast(device_type, dtype, enabled, cache_enabled=self.cache_enabled)
             )
         return stack
+
+
+class FunctionModes(NamedTuple):
+    """The torch function modes active in the forward, innermost last.
+
+    NOTE [function modes]: torch pops every torch function mode before it enters autograd's
+    backward, so a recomputation would run without the modes its forward ran under: factory
+    calls would miss ``with torch.device(...)``, and a user's mode that rewrites operations
+    would not. The recomputation pushes them again, as torch.utils.checkpoint does. (Dispatch
+    modes stay active through backward and need nothing.)
+    """
+
+    modes: tuple[object, ...]
+
+    @classmethod
+    def capture(cls) -> FunctionModes:
+        n = torch._C._len_torch_function_stack()
+        return cls(tuple(torch._C._get_function_stack_at(i) for i in range(n)))
+
+    def replayed(self) -> AbstractContextManager[object]:
+        return _pushed(self.modes) if self.modes else nullcontext()
+
+
+@contextmanager
+def _pushed(modes: tuple[object, ...]) -> Iterator[None]:
+    for mode in modes:
+        torch._C._push_on_torch_function_stack(mode)
+    try:
+        yield
+    finally:
+        for _ in modes:
+            torch._C._pop_torch_function_stack()
 
 
 @dataclass(frozen=True)

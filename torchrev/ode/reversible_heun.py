@@ -37,6 +37,7 @@ from torch.func import functional_call
 
 from .._core.errors import DOUBLE_BACKWARD, ReversibilityError
 from .._core.leaves import check_tracked
+from .._core.state import FunctionModes
 from ._base import AbstractSolver, FiniteWatch, Grid, VectorField, evaluate
 
 Brownian = Callable[[float, float, int], Tensor]
@@ -147,6 +148,7 @@ class _ReversibleAdjoint(torch.autograd.Function):
         with torch.no_grad():
             ys, state = integrate(problem, y0)
         ctx.problem, ctx.params, ctx.state = problem, params, state
+        ctx.modes = FunctionModes.capture()  # see NOTE [function modes]
         return ys
 
     @staticmethod
@@ -160,7 +162,8 @@ class _ReversibleAdjoint(torch.autograd.Function):
             )
         ctx.state = None
         problem, aliases = _hooks_once(problem, params)
-        grads = _adjoint(problem, aliases, state, d_ys)
+        with ctx.modes.replayed():
+            grads = _adjoint(problem, aliases, state, d_ys)
         return (None, None, *grads)
 
 
