@@ -185,7 +185,9 @@ class _Step:
                 # gradients (torch's ModuleTracker, FlopCounterMode) reject leaves here.
                 views = [s.view_as(s) if w else s for s, w in zip(leaves, want_sources)]
                 h, targets = self._recompute_branch(views, kwargs, targets)
-                if differentiate and not (self.pure and unobserved(())):
+                # A pure step's forward saw no mode, so none is replayed here either (NOTE
+                # [function modes]): its recomputation is the same pure computation.
+                if differentiate and not self.pure:
                     # NOTE [closed-over tensors]: a gradient can only leave a step through its
                     # node's inputs; any other trainable tensor the branch reaches is an error
                     # rather than a gradient silently lost.
