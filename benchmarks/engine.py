@@ -7,7 +7,10 @@ streams of ``width`` features, fed a (batch, 2 * width) input. For each method i
   (deterministic, :class:`torchrev.bench.LiveTensorBytes`; on CUDA also
   ``torch.cuda.max_memory_allocated`` above the same baseline), and
 * the step time as a ratio to plain autograd in this run: steps interleaved round-robin, the
-  ratio taken within each round and its median reported (robust to the machine's drift), and
+  ratio taken within each round and its median reported (robust to the machine's drift). Each
+  timed point uses a batch of ``--time-elements / width`` rows (4 MiB per float32 stream by
+  default): large enough that the matrix products, not per-operator overhead, set the time,
+  which is the regime of a model that hits the memory wall; and
 * the flops of a step (matrix products, counted through the dispatcher) as a ratio to plain
   autograd: the floor under each method's time ratio. One recomputation per block costs
   4/3; torch's checkpoint stops recomputing once it has what backward saves, skipping each
@@ -160,7 +163,13 @@ def measure_time(
             "time_ratio": median_ratio(ts, times["plain autograd"]),
             "samples_per_s": batch / seconds,
             "flop_ratio": flops[m] / flops["plain autograd"],
+            "round_seconds": ts,
         }
+    others = [m for m in methods if m not in ("plain autograd", "torchrev")]
+    if "torchrev" in times and others:
+        fastest = min(others, key=lambda m: rows[m]["seconds"])
+        rows["torchrev"]["fastest_other"] = fastest
+        rows["torchrev"]["over_fastest_other"] = median_ratio(times["torchrev"], times[fastest])
     return rows
 
 
@@ -183,17 +192,21 @@ def run(args: argparse.Namespace) -> list[dict]:
                     flush=True,
                 )
     for width, depth in args.time_at:
-        times = measure_time(methods, width, depth, args.time_batch, args.repeats, device)
+        batch = time_batch(args, width)
+        times = measure_time(methods, width, depth, batch, args.repeats, device)
         for method, t in times.items():
-            rows.append(
-                {"method": method, "width": width, "depth": depth, "batch": args.time_batch, **t}
-            )
+            rows.append({"method": method, "width": width, "depth": depth, "batch": batch, **t})
             print(
                 f"time    width={width:<5} depth={depth:<3} {method:<16} "
                 f"{t['time_ratio']:6.3f}x plain ({t['flop_ratio']:.3f}x its flops)",
                 flush=True,
             )
     return rows
+
+
+def time_batch(args: argparse.Namespace, width: int) -> int:
+    """The batch a timed point at ``width`` uses: ``--time-batch``, else elements / width."""
+    return args.time_batch or max(1, args.time_elements // width)
 
 
 def table(rows: list[dict], args: argparse.Namespace) -> str:
@@ -207,12 +220,17 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
     for m in methods:
         lines.append(f"| {m} | " + " | ".join(f"{memory[(m, *c)]:.1f}" for c in cols) + " |")
     points = args.time_at
-    lines += ["", "| method | flops | " + " | ".join(f"time w{w} L{d}" for w, d in points) + " |"]
+    heads = (f"time w{w} L{d} b{time_batch(args, w)}" for w, d in points)
+    lines += ["", "| method | flops | " + " | ".join(heads) + " |"]
     lines.append("|" + "---|" * (2 + len(points)))
     for m in methods:
         flops = times[(m, *points[0])]["flop_ratio"]  # the same at every width and depth
         tim = " | ".join(f"{times[(m, *p)]['time_ratio']:.2f}x" for p in points)
         lines.append(f"| {m} | {flops:.3f}x | {tim} |")
+    mine = [times.get(("torchrev", *p), {}) for p in points]
+    if all("over_fastest_other" in r for r in mine):
+        paired = " | ".join(f"{r['over_fastest_other']:.3f}x {r['fastest_other']}" for r in mine)
+        lines.append(f"| torchrev over the fastest other (paired) | | {paired} |")
     return "\n".join(lines)
 
 
@@ -221,8 +239,8 @@ def describe(args: argparse.Namespace) -> str:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     return (
         f"torch {torch.__version__}, {device.type} ({where or platform.machine()}), "
-        f"{torch.get_num_threads()} threads; memory at batch {args.batch}; time at batch "
-        f"{args.time_batch}, {args.repeats} interleaved rounds, median of the per-round ratio "
+        f"{torch.get_num_threads()} threads; memory at batch {args.batch}; time at the batch "
+        f"in each column (b), {args.repeats} interleaved rounds, median of the per-round ratio "
         f"to plain autograd; flops of a step over plain autograd's; allocator: {args.malloc}"
     )
 
@@ -247,8 +265,14 @@ def main(argv: list[str] | None = None) -> None:
         metavar="WIDTHxDEPTH",
         help="where to time the step (default: 64x8 256x8 256x32 256x64 1024x8)",
     )
-    parser.add_argument("--time-batch", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument(
+        "--time-elements",
+        type=int,
+        default=2**20,
+        help="elements per stream when timing: the batch is this over the width (default 2**20)",
+    )
+    parser.add_argument("--time-batch", type=int, default=None, help="a fixed batch instead")
+    parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument(
         "--system-malloc",
         action="store_true",

@@ -30,8 +30,8 @@ def test_engine_benchmark_writes_results(tmp_path):
             "--time-at",
             "8x2",
             "8x6",
-            "--time-batch",
-            "4",
+            "--time-elements",
+            "32",
             "--repeats",
             "1",
             "--out",
@@ -45,9 +45,14 @@ def test_engine_benchmark_writes_results(tmp_path):
     assert memory[("torchrev", 2)] == memory[("torchrev", 6)]
     assert memory[("plain autograd", 6)] > memory[("torchrev", 6)]
     # One recomputation per block; checkpoint stops before each block's last Linear.
-    flops = {r["method"]: r["flop_ratio"] for r in rows if "flop_ratio" in r}
+    timed = [r for r in rows if "flop_ratio" in r]
+    assert {r["batch"] for r in timed} == {32 // 8}  # elements per stream over the width
+    flops = {r["method"]: r["flop_ratio"] for r in timed}
     assert flops["torchrev"] == pytest.approx(4 / 3, rel=1e-12)
     assert flops["checkpoint"] == pytest.approx(5 / 4, rel=1e-12)
+    mine = [r for r in timed if r["method"] == "torchrev"]
+    assert all(r["fastest_other"] not in ("torchrev", "plain autograd") for r in mine)
+    assert all(len(r["round_seconds"]) == 1 for r in timed)
     assert (tmp_path / "toy.csv").exists() and "| torchrev |" in (tmp_path / "toy.md").read_text()
 
 

@@ -162,6 +162,32 @@ def test_adjoint_replays_the_forward_torch_function_modes():
     assert_close_tensors(results[1], results[0], 1e-8)
 
 
+class AutocastRecorder(Field):
+    """Records whether CPU autocast was on at each evaluation."""
+
+    def __init__(self):
+        super().__init__()
+        self.autocast = []
+
+    def forward(self, t, y):
+        self.autocast.append(torch.is_autocast_enabled("cpu"))
+        return super().forward(t, y)
+
+
+def test_adjoint_replays_the_forward_autocast():
+    # The backward runs outside the autocast block, as in a usual training loop; the reverse
+    # walk must still evaluate the field as the forward did. (Under bf16 the adjoint is only
+    # about 1e-2 from backprop either way: a rebuilt state that differs in its last float32
+    # bit can round to a different bf16 value, so the reversal is not exact.)
+    f = AutocastRecorder()
+    with torch.autocast("cpu", torch.bfloat16):
+        ys = odeint(f, torch.randn(5, 3), torch.tensor([0.0, 1.0]), dt=0.1)
+    assert ys.dtype == torch.float32 and all(f.autocast)
+    forward_calls = len(f.autocast)
+    ys.sum().backward()
+    assert len(f.autocast) == 2 * forward_calls and all(f.autocast)
+
+
 def test_one_field_evaluation_per_step():
     f = Field().to(F64)
     y0 = torch.randn(2, 3, dtype=F64, requires_grad=True)

@@ -37,7 +37,7 @@ from torch.func import functional_call
 
 from .._core.errors import DOUBLE_BACKWARD, ReversibilityError
 from .._core.leaves import check_tracked
-from .._core.state import FunctionModes
+from .._core.state import AutocastState, FunctionModes
 from ._base import AbstractSolver, FiniteWatch, Grid, VectorField, evaluate
 
 Brownian = Callable[[float, float, int], Tensor]
@@ -148,7 +148,11 @@ class _ReversibleAdjoint(torch.autograd.Function):
         with torch.no_grad():
             ys, state = integrate(problem, y0)
         ctx.problem, ctx.params, ctx.state = problem, params, state
-        ctx.modes = FunctionModes.capture()  # see NOTE [function modes]
+        # The reverse walk re-evaluates the fields: under the forward's autocast settings and
+        # torch function modes (NOTE [autocast replay], NOTE [function modes]), or it would
+        # rebuild the states from different field values.
+        ctx.autocast = AutocastState.capture(y0.device)
+        ctx.modes = FunctionModes.capture()
         return ys
 
     @staticmethod
@@ -162,7 +166,7 @@ class _ReversibleAdjoint(torch.autograd.Function):
             )
         ctx.state = None
         problem, aliases = _hooks_once(problem, params)
-        with ctx.modes.replayed():
+        with ctx.autocast.replayed(), ctx.modes.replayed():
             grads = _adjoint(problem, aliases, state, d_ys)
         return (None, None, *grads)
 
