@@ -104,3 +104,16 @@ def test_median_ratio_cancels_drift_within_rounds():
     assert median_ratio([1.5 * b for b in base], base) == 1.5
     with pytest.raises(ValueError):
         median_ratio([1.0], base)  # rounds must pair up
+
+
+def test_interleaved_times_varies_which_step_runs_before_which():
+    from torchrev.bench import interleaved_times
+
+    calls: list[str] = []
+    steps = {name: (lambda name=name: calls.append(name)) for name in "abcd"}
+    times = interleaved_times(steps, repeats=12, warmup=0)
+    assert all(len(ts) == 12 for ts in times.values())
+    rounds = [calls[i : i + 4] for i in range(0, len(calls), 4)]
+    assert all(sorted(r) == list("abcd") for r in rounds)  # each step once per round
+    before = {(r[i - 1], r[i]) for r in rounds for i in range(1, 4)}
+    assert len({first for first, second in before if second == "c"}) > 1

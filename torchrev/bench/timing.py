@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -36,23 +37,27 @@ def interleaved_times(
     repeats: int = 5,
     warmup: int = 1,
     sync: Callable[[], None] = lambda: None,
+    seed: int = 0,
 ) -> dict[str, list[float]]:
-    """Seconds of each call of each step, calling them round-robin ``repeats`` times.
+    """Seconds of each call of each step, every step called once per round, ``repeats`` rounds.
 
     Entry ``r`` of every list comes from round ``r``. Interleaving spreads slow drifts of the
     machine (thermal, other load) over every method instead of charging them to whichever ran
-    last, and each round starts one method later so that no method always runs right after the
-    same other one (whose leftovers in the caches and the allocator would otherwise help or
-    hurt it every time). ``sync`` waits for asynchronous devices (``torch.cuda.synchronize``).
+    last. Each round calls the steps in a fresh order drawn from ``seed``, so that a method
+    follows a different one from round to round: the leftovers of the step before (caches,
+    the allocator's free lists) would otherwise help or hurt it the same way every time, as
+    they do with a fixed cycle, even a rotated one. ``sync`` waits for asynchronous devices
+    (``torch.cuda.synchronize``).
     """
     names = list(steps)
     for _ in range(warmup):
         for step in steps.values():
             step()
     sync()
+    order = random.Random(seed)
     times: dict[str, list[float]] = {name: [] for name in names}
-    for round_ in range(repeats):
-        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+    for _ in range(repeats):
+        for name in order.sample(names, len(names)):
             start = time.perf_counter()
             steps[name]()
             sync()
