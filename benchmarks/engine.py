@@ -167,7 +167,9 @@ def measure_time(
         }
     others = [m for m in methods if m not in ("plain autograd", "torchrev")]
     if "torchrev" in times and others:
-        fastest = min(others, key=lambda m: rows[m]["seconds"])
+        # By the paired ratio, as the table reports: a separate median of seconds can rank a
+        # method first that most rounds ran slower.
+        fastest = min(others, key=lambda m: rows[m]["time_ratio"])
         rows["torchrev"]["fastest_other"] = fastest
         rows["torchrev"]["over_fastest_other"] = median_ratio(times["torchrev"], times[fastest])
     return rows
