@@ -167,8 +167,8 @@ def measure_time(
         }
     others = [m for m in methods if m not in ("plain autograd", "torchrev")]
     if "torchrev" in times and others:
-        # By the paired ratio, as the table reports: a separate median of seconds can rank a
-        # method first that most rounds ran slower.
+        # By the paired ratio to plain, as the table reports it: the medians of seconds, taken
+        # apart, can rank first a method whose paired ratio is higher.
         fastest = min(others, key=lambda m: rows[m]["time_ratio"])
         rows["torchrev"]["fastest_other"] = fastest
         rows["torchrev"]["over_fastest_other"] = median_ratio(times["torchrev"], times[fastest])
