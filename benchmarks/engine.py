@@ -6,11 +6,12 @@ streams of ``width`` features, fed a (batch, 2 * width) input. For each method i
 * the peak of live tensor bytes during a training step beyond parameters and gradients
   (deterministic, :class:`torchrev.bench.LiveTensorBytes`; on CUDA also
   ``torch.cuda.max_memory_allocated`` above the same baseline), and
-* the step time as a ratio to plain autograd in this run: steps interleaved round-robin, the
-  ratio taken within each round and its median reported (robust to the machine's drift). Each
-  timed point uses a batch of ``--time-elements / width`` rows (4 MiB per float32 stream by
-  default): large enough that the matrix products, not per-operator overhead, set the time,
-  which is the regime of a model that hits the memory wall; and
+* the step time as a ratio to plain autograd in this run: steps interleaved (each round in a
+  fresh random order), the ratio taken within each round and its median reported (robust to
+  the machine's drift). Each timed point uses a batch of ``--time-elements / width`` rows
+  (4 MiB per float32 stream by default): large enough that the matrix products, not
+  per-operator overhead, set the time, which is the regime of a model that hits the memory
+  wall; and
 * the flops of a step (matrix products, counted through the dispatcher) as a ratio to plain
   autograd: the floor under each method's time ratio. One recomputation per block costs
   4/3; torch's checkpoint stops recomputing once it has what backward saves, skipping each
