@@ -61,16 +61,19 @@ def test_models_benchmark_quick(tmp_path):
     rows = json.loads((tmp_path / "models-cpu-quick.json").read_text())["rows"]
     for name in {r["model"] for r in rows}:
         shallow, deep = [r for r in rows if r["model"] == name]
-        assert shallow["reversible_live_mib"] == deep["reversible_live_mib"]
-        assert deep["plain_live_mib"] > shallow["plain_live_mib"]
+        assert shallow["float_live_mib"] == deep["float_live_mib"]
+        exact_growth = deep["reversible_live_mib"] - shallow["reversible_live_mib"]
+        plain_growth = deep["plain_live_mib"] - shallow["plain_live_mib"]
+        assert 0 <= exact_growth < plain_growth / 10  # RevCol's corrections; 0 elsewhere
 
 
 def test_ode_benchmark_quick(tmp_path):
     load("ode").main(["--steps", "20", "--batch", "8", "--repeats", "1", "--out", str(tmp_path)])
     rows = {r["method"]: r for r in json.loads((tmp_path / "ode-cpu.json").read_text())["rows"]}
-    adjoint = rows["torchrev reversible Heun, adjoint"]
-    assert adjoint["grad_error"] < 1e-12
-    assert adjoint["peak_mib"] < rows["torchrev reversible Heun, backprop"]["peak_mib"]
+    for kind in ("", "CDE "):
+        adjoint = rows[f"torchrev {kind}reversible Heun, adjoint"]
+        assert adjoint["grad_error"] < 1e-12
+        assert adjoint["peak_mib"] < rows[f"torchrev {kind}reversible Heun, backprop"]["peak_mib"]
 
 
 def test_neural_ode_example_runs(tmp_path, monkeypatch):

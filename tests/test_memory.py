@@ -8,12 +8,14 @@ from tests.helpers import stack_of
 from torchrev.bench import LiveTensorBytes, peak_live_bytes
 
 
-def training_step_peak(depth: int, reversible: bool, cls=torchrev.AdditiveCoupling) -> int:
+def training_step_peak(
+    depth: int, reversible: bool, cls=torchrev.AdditiveCoupling, exact=False, dtype=torch.float32
+) -> int:
     """Peak live bytes of one step beyond parameters and gradients (both allocated before)."""
     torch.manual_seed(0)
-    stack = stack_of(cls, depth, width=16, dtype=torch.float32)
-    stack.reversible = reversible
-    x = torch.randn(32, 32)
+    stack = stack_of(cls, depth, width=16, dtype=dtype)
+    stack.reversible, stack.exact = reversible, exact
+    x = torch.randn(32, 32, dtype=dtype)
 
     def loss():
         y1, y2 = stack(*torchrev.Split(1)(x.clone()))
@@ -27,6 +29,20 @@ def training_step_peak(depth: int, reversible: bool, cls=torchrev.AdditiveCoupli
 @pytest.mark.parametrize("cls", torchrev.couplings.COUPLINGS, ids=lambda c: c.__name__)
 def test_reversible_peak_is_flat_in_depth(cls):
     assert training_step_peak(3, True, cls) == training_step_peak(12, True, cls)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("cls", torchrev.couplings.COUPLINGS, ids=lambda c: c.__name__)
+def test_exact_reversal_stores_a_few_bits_per_element_per_step(cls, dtype):
+    """Exact reversal keeps a correction per step: the peak grows with depth, by at most 9
+    bits per stream element per step (a checksum aside), where storing each step's input
+    would cost 16 or 32."""
+    growth = training_step_peak(12, True, cls, True, dtype) - training_step_peak(
+        3, True, cls, True, dtype
+    )
+    elements, steps = 32 * 16, 2 * (12 - 3)
+    assert 0 < growth <= steps * (elements * 9 / 8 + 8)
+    assert growth < steps * elements * torch.finfo(dtype).bits / 8 / 2
 
 
 def test_plain_peak_grows_with_depth_so_the_measurement_can_fail():
@@ -67,6 +83,7 @@ def test_flat_in_depth_with_gradients_set_to_none(cls):
     for depth in (3, 12):
         torch.manual_seed(0)
         stack = stack_of(cls, depth, width=16, dtype=torch.float32)
+        stack.exact = False
         x = torch.randn(32, 32)
 
         def step(stack=stack, x=x):

@@ -40,6 +40,14 @@ class AbstractReversibleBlock(nn.Module, ABC):
     steps: tuple[StepSpec, ...]
 
     @property
+    def amplifies_rounding(self) -> bool:
+        """Whether :meth:`revert` can lose more than the rounding of one operation per step,
+        as an inverse that divides by a scale below one does. Stacks with ``exact="auto"``
+        reverse exactly when any block says so; blocks that only add (the additive coupling)
+        override this with False. True unless a block knows better."""
+        return True
+
+    @property
     def num_streams(self) -> int:
         return 1 + max(max(t, *s) for t, s in self.steps)
 

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .exact import resolve
 from .function import Trace, reversible_forward
 from .sequence import ReversibleSequential
 from .state import RngState, buffers_preserved
@@ -15,11 +16,13 @@ from .state import RngState, buffers_preserved
 
 @dataclass(frozen=True)
 class BlockReport:
-    """One block: how far its rebuilt input and its parameters' gradients are from plain."""
+    """One block: how far its rebuilt input and its parameters' gradients are from plain, and
+    how many bits per stream element its steps store for exact reversal (0 without it)."""
 
     index: int
     reconstruction_error: float
     gradient_error: float
+    stored_bits: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -33,10 +36,21 @@ class ReversibilityReport:
 
     blocks: tuple[BlockReport, ...]
     input_gradient_error: float
+    exact_mode: bool = False
 
     @property
     def worst_reconstruction(self) -> float:
         return max((b.reconstruction_error for b in self.blocks), default=0.0)
+
+    @property
+    def exact(self) -> bool:
+        """Whether every block's input was rebuilt bit for bit."""
+        return self.worst_reconstruction == 0.0
+
+    @property
+    def stored_bits(self) -> float:
+        """Bits stored per stream element per step, averaged over the blocks."""
+        return sum(b.stored_bits for b in self.blocks) / max(1, len(self.blocks))
 
     @property
     def worst_gradient(self) -> float:
@@ -48,12 +62,15 @@ class ReversibilityReport:
         return self.worst_reconstruction <= rtol and self.worst_gradient <= rtol
 
     def __str__(self) -> str:
-        lines = ["block  reconstruction  gradient"]
+        lines = ["block  reconstruction  gradient  bits/element/step"]
         lines += [
             f"{b.index:>5}  {b.reconstruction_error:>14.2e}  {b.gradient_error:>8.2e}"
+            f"  {b.stored_bits:>17.2f}"
             for b in self.blocks
         ]
         lines.append(f"input gradients: {self.input_gradient_error:.2e}")
+        mode = "exact" if self.exact_mode else "floating-point"
+        lines.append(f"{mode} reversal; every input rebuilt bit for bit: {self.exact}")
         return "\n".join(lines)
 
 
@@ -72,11 +89,14 @@ def check_reversibility(
     (which the reversible backward cannot return a gradient for) raises
     :class:`ReversibilityError`, as a training step would. Run it in
     float64 to separate bugs from rounding, and in your training dtype to see what rounding
-    costs.
+    costs. The stack's ``exact`` setting applies: with exact reversal every reconstruction
+    error is 0.0 (:attr:`ReversibilityReport.exact`) and each block reports the bits per
+    stream element its steps store.
     """
     blocks = list(stack)
     if blocks:
         blocks[0].check_streams(streams, "check_reversibility")
+    exact = resolve(stack.exact, blocks, streams)
     inputs = [s.detach().requires_grad_() for s in streams]
     extras = [v for v in kwargs.values() if isinstance(v, Tensor) and v.requires_grad]
     params = [p for p in stack.parameters() if p.requires_grad]
@@ -87,7 +107,7 @@ def check_reversibility(
         trace = Trace()
         with start.replayed(), buffers_preserved(tuple(stack.buffers())), torch.enable_grad():
             if reversible:
-                outputs = reversible_forward(blocks, inputs, kwargs, trace=trace)
+                outputs = reversible_forward(blocks, inputs, kwargs, trace=trace, exact=exact)
             else:
                 outputs = tuple(inputs)
                 for block in blocks:
@@ -110,9 +130,10 @@ def check_reversibility(
         pairs = zip(trace.rebuilt[index], trace.forward[index])
         recon = max(_relative_error(rebuilt, computed) for rebuilt, computed in pairs)
         grad = max((grad_error(n_inputs + i) for i in by_block[index]), default=0.0)
-        reports.append(BlockReport(index, recon, grad))
+        bits = trace.stored_bits.get(index, [])
+        reports.append(BlockReport(index, recon, grad, sum(bits) / max(1, len(bits))))
     inputs_error = max(grad_error(i) for i in range(n_inputs))
-    return ReversibilityReport(tuple(reports), inputs_error)
+    return ReversibilityReport(tuple(reports), inputs_error, exact)
 
 
 def _loss_weights(streams: list[Tensor]) -> list[Tensor]:

@@ -32,6 +32,7 @@ except ImportError:  # pragma: no cover - older or newer torch: the public call 
 
 from .block import AbstractReversibleBlock
 from .errors import DOUBLE_BACKWARD, SECOND_BACKWARD, ReversibilityError, ReversibilityWarning
+from .exact import ExactStep
 from .leaves import check_tracked
 from .purity import pure_layers, unobserved
 from .state import AutocastState, BufferWatch, FunctionModes, RngState, buffers_preserved
@@ -49,10 +50,12 @@ class Trace:
 
     forward: dict[int, tuple[Tensor, ...]] = field(default_factory=dict)
     rebuilt: dict[int, tuple[Tensor, ...]] = field(default_factory=dict)
+    #: Bits each step of a block stores for exact reversal, per element of its target stream.
+    stored_bits: dict[int, list[float]] = field(default_factory=dict)
 
 
 class _Tape:
-    """The value every stream has at the point the backward has reached.
+    """The value every stream has at the point the backward has reached, and its gradient.
 
     NOTE [tape]: the last node stores the final streams; each step's backward overwrites its
     target stream with the value it had before the step, and the lowest step that runs clears
@@ -60,10 +63,22 @@ class _Tape:
     node takes the previous step's output as an input (see reversible_forward). An empty tape
     in backward therefore means this forward was already backpropagated: an error, not a
     reason to recompute.
+
+    NOTE [gradient order]: floating-point sums depend on their order, so to return plain
+    autograd's gradients bit for bit the engine must add up the contributions to each value in
+    plain autograd's order. Plain autograd runs later nodes first: a stream value's gradient
+    starts with what the update that replaces it passes back, then gains each branch that read
+    it, latest first, one operation at a time. The tape keeps that running sum per stream
+    (``grads``) and, for tensors several steps read (shared parameters, kwargs), per tensor
+    (``shared``); each recomputation is seeded with it (an alias of the input, made after the
+    branch so that autograd runs it first) and leaves the new sum on the tape. Only the
+    earliest reader of a tensor that enters the stack returns its sum to autograd.
     """
 
     def __init__(self, n_streams: int) -> None:
         self.values: list[Tensor | None] = [None] * n_streams
+        self.grads: list[Tensor | None] = [None] * n_streams
+        self.shared: dict[int, Tensor] = {}
 
     def get(self, j: int) -> Tensor:
         value = self.values[j]
@@ -76,10 +91,17 @@ class _Call:
     """What the steps of one stack call share: the tape, the replay state, the kwargs."""
 
     def __init__(
-        self, n_streams: int, device: torch.device, kwargs: dict[str, Any], trace: Trace | None
+        self,
+        n_streams: int,
+        device: torch.device,
+        kwargs: dict[str, Any],
+        trace: Trace | None,
+        exact: bool,
     ) -> None:
         self.tape = _Tape(n_streams)
         self.trace = trace  # diagnostics only
+        self.exact = exact  # see NOTE [exact reversal]
+        self.passthrough: list[bool] = []  # final streams no step read: _Outputs returns them
         self.verify: tuple[float, tuple[Tensor, ...]] | None = None  # tolerance, the inputs
         self.device = device
         self.autocast = AutocastState.capture(device)
@@ -115,6 +137,13 @@ class _Step:
         self.lowest = False  # whether no earlier step will run backward
         self.rng: RngState | None = None
         self.written: tuple[Tensor, ...] = ()
+        self.exact: ExactStep | None = None
+        self.dtype = torch.float32  # the input's, which an update may promote
+        # NOTE [gradient order]: which of (inp, *sources) and of the leaves entered the stack
+        # and are read here first, so that this step returns their gradient sums.
+        self.returns: tuple[bool, ...] = ()
+        self.leaf_keys: tuple[int, ...] = ()
+        self.returns_leaf: tuple[bool, ...] = ()
 
     def forward(self, inp: Tensor, sources: Sequence[Tensor], leaves: Sequence[Tensor]) -> Tensor:
         block, call = self.block, self.call
@@ -128,40 +157,71 @@ class _Step:
             self.rng = None if after.same_as(call.rng) else call.rng
             call.rng = after
         self.written = watch.written()
-        return block.update(inp, h, self.index)
+        self.dtype = inp.dtype
+        out = block.update(inp, h, self.index)
+        if call.exact:
+            self.exact = ExactStep.record(block, self.index, inp, h, out)
+            if call.trace is not None:
+                bits = 8 * self.exact.nbytes / max(1, inp.numel())
+                call.trace.stored_bits.setdefault(self.block_index, []).append(bits)
+        return out
 
     def backward(
-        self, d_out: Tensor | None, leaves: Sequence[Tensor], needs: Sequence[bool]
+        self, leaves: Sequence[Tensor], needs: Sequence[bool]
     ) -> tuple[Tensor | None, Grads, Grads]:
-        """Rebuild the target stream; gradients for ``(inp, *sources, *leaves)``."""
+        """Rebuild the target stream and move the running gradients on the tape back past this
+        step (NOTE [gradient order]); return those of ``(inp, *sources, *leaves)`` that leave
+        the stack here."""
         tape, n_sources = self.call.tape, len(self.sources)
         # No gradient reached this step's output (the loss ignores it): the stream is still
         # rebuilt for the steps below, but nothing is differentiated, as in plain autograd.
+        d_out = tape.grads[self.target]
         live = d_out is not None
         want_inp = live and needs[0]
         want_sources = [live and need for need in needs[1 : 1 + n_sources]]
+        want_leaves = [live and need for need in needs[1 + n_sources : 1 + n_sources + len(leaves)]]
         out = tape.get(self.target)
         sources = [tape.get(j) for j in self.sources]
         # Differentiable kwargs enter the recomputation as fresh leaves, so that hooks on the
         # caller's tensors run once, in the outer backward, and nowhere else.
         params = list(leaves[: self.n_params])
         extras = [t.detach().requires_grad_(t.requires_grad) for t in leaves[self.n_params :]]
-        leaf_needs = needs[1 + n_sources : 1 + n_sources + len(leaves)]
-        targets = [leaf for leaf, need in zip(params + extras, leaf_needs) if live and need]
-        with self.call.autocast.replayed():
-            inp, d_inp, d_sources, grads = self._recompute_and_differentiate(
-                out, sources, d_out, want_inp, want_sources, targets, self.call.kwargs(extras)
-            )
+        targets = [leaf for leaf, w in zip(params + extras, want_leaves) if w]
+        seeds = [tape.grads[j] for j, w in zip(self.sources, want_sources) if w]
+        seeds += [tape.shared.pop(k, None) for k, w in zip(self.leaf_keys, want_leaves) if w]
+        kwargs = self.call.kwargs(extras)
+        inp, d_inp, d_sources, d_targets = self._recompute_and_differentiate(
+            out, sources, d_out, want_inp, want_sources, targets, seeds, kwargs
+        )
         tape.values[self.target] = inp
+        tape.grads[self.target] = d_inp
+        for j, w, d in zip(self.sources, want_sources, d_sources):
+            if w:
+                tape.grads[j] = d
+        returned = [
+            tape.grads[j] if first else None
+            for j, first in zip((self.target, *self.sources), self.returns)
+        ]
+        leaf_grads = self._leaf_totals(want_leaves, d_targets)
         if self.call.trace is not None and self.index == 0:
             self.call.trace.rebuilt[self.block_index] = tuple(v.clone() for v in tape.values)
         if self.lowest:
             if self.call.verify is not None and self.block_index == 0 and self.index == 0:
                 _verify(tape.values, *self.call.verify)
             tape.values = [None] * len(tape.values)
-        computed = iter(grads)
-        leaf_grads = [next(computed) if live and need else None for need in leaf_needs]
-        return d_inp, d_sources, leaf_grads
+            tape.grads = [None] * len(tape.grads)
+        return returned[0], returned[1:], leaf_grads
+
+    def _leaf_totals(self, want: list[bool], computed: Grads) -> Grads:
+        """Per leaf: its gradient sum if this step is its earliest reader, else None (and the
+        sum stays on the tape for the readers below)."""
+        shared, totals, sums = self.call.tape.shared, [], iter(computed)
+        for key, wanted, first in zip(self.leaf_keys, want, self.returns_leaf):
+            total = next(sums) if wanted else (shared.pop(key, None) if first else None)
+            if not first and total is not None:
+                shared[key] = total
+            totals.append(total if first else None)
+        return totals
 
     def _recompute_and_differentiate(
         self,
@@ -171,15 +231,59 @@ class _Step:
         want_inp: bool,
         want_sources: list[bool],
         targets: list[Tensor],
+        seeds: list[Tensor | None],
         kwargs: dict[str, Any],
     ) -> tuple[Tensor, Tensor | None, Grads, Grads]:
+        """The rebuilt input, and the gradients of the input, of the wanted sources (seeded
+        with ``seeds[:n]``) and of ``targets`` (seeded with ``seeds[n:]``)."""
         block, index = self.block, self.index
+        differentiate = d_out is not None and (want_inp or any(want_sources) or bool(targets))
         # Buffers are restored only after autograd.grad: batch norm's graph saves its running
         # statistics, and restoring them earlier would trip autograd's version check.
         with buffers_preserved(self.written):
-            differentiate = d_out is not None and (want_inp or any(want_sources) or targets)
-            replay = nullcontext() if self.rng is None else self.rng.replayed()
-            with torch.set_grad_enabled(bool(differentiate)), replay, self.call.modes.replayed():
+            inp, h, leaves, views, targets = self._recompute(
+                out, sources, want_sources, targets, kwargs, differentiate
+            )
+            if d_out is None or not differentiate:
+                return inp, None, [None] * len(sources), [None] * len(targets)
+            with torch.no_grad():
+                vjp = block.update_vjp(inp, h, d_out, index)
+            wanted = [s for s, w in zip(leaves, want_sources) if w]
+            consumed = [v for v, w in zip(views, want_sources) if w] + targets
+            # NOTE [autocast replay] covers the recomputation only: autograd runs backward
+            # outside autocast, and under it the backward's own matrix products would be cast.
+            if vjp is not None:
+                d_inp, d_h = vjp
+                # As autograd casts a gradient to its input's dtype (a bf16 branch output
+                # under autocast updating a float32 stream): differentiating the branch from a
+                # float32 gradient would round differently from plain autograd.
+                grads = _grad([(h, d_h.to(h.dtype))], consumed, seeds, wanted + targets)
+            else:
+                with torch.enable_grad(), self.call.autocast.replayed():
+                    inp_ = inp.detach().requires_grad_(want_inp)
+                    out_ = block.update(inp_, h, index)
+                inputs = ([inp_] if want_inp else []) + wanted + targets
+                grads = _grad([(out_, d_out)], consumed, seeds, inputs)
+                d_inp = grads.pop(0) if want_inp else None
+        d_sources = [grads.pop(0) if w else None for w in want_sources]
+        return inp, d_inp if want_inp else None, d_sources, grads
+
+    def _recompute(
+        self,
+        out: Tensor,
+        sources: list[Tensor],
+        want_sources: list[bool],
+        targets: list[Tensor],
+        kwargs: dict[str, Any],
+        grad: bool,
+    ) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor], list[Tensor]]:
+        """The branch output (with a graph if ``grad``) and the rebuilt input, under the
+        forward's autocast, RNG and modes; the source leaves, the views the branch read, and
+        the tensors to differentiate for ``targets``."""
+        block, index = self.block, self.index
+        replay = nullcontext() if self.rng is None else self.rng.replayed()
+        with self.call.autocast.replayed():
+            with torch.set_grad_enabled(grad), replay, self.call.modes.replayed():
                 leaves = [s.detach().requires_grad_(w) for s, w in zip(sources, want_sources)]
                 # The branch sees non-leaf views: module hooks that watch their inputs'
                 # gradients (torch's ModuleTracker, FlopCounterMode) reject leaves here.
@@ -187,7 +291,7 @@ class _Step:
                 h, targets = self._recompute_branch(views, kwargs, targets)
                 # A pure step's forward saw no mode, so none is replayed here either (NOTE
                 # [function modes]): its recomputation is the same pure computation.
-                if differentiate and not self.pure:
+                if grad and not self.pure:
                     # NOTE [closed-over tensors]: a gradient can only leave a step through its
                     # node's inputs; any other trainable tensor the branch reaches is an error
                     # rather than a gradient silently lost.
@@ -196,22 +300,12 @@ class _Step:
                 # NOTE [in-place revert]: the tape's value of the target stream has no other
                 # reader, and it is always the engine's own tensor: the caller holds copies of
                 # the outputs, and every earlier value was rebuilt here.
-                inp = block.revert_(out, h, index)
-                if d_out is None or not differentiate:
-                    return inp, None, [None] * len(sources), [None] * len(targets)
-                vjp = block.update_vjp(inp, h, d_out, index)
-            wanted = [s for s, w in zip(leaves, want_sources) if w]
-            if vjp is not None:
-                d_inp, d_h = vjp
-                grads = _grad(h, wanted + targets, d_h)
-            else:
-                with torch.enable_grad():
-                    inp_ = inp.detach().requires_grad_(want_inp)
-                    out_ = block.update(inp_, h, index)
-                grads = _grad(out_, ([inp_] if want_inp else []) + wanted + targets, d_out)
-                d_inp = grads.pop(0) if want_inp else None
-        d_sources = [grads.pop(0) if w else None for w in want_sources]
-        return inp, d_inp if want_inp else None, d_sources, grads
+                if self.exact is None:
+                    inp = block.revert_(out, h, index).to(self.dtype)
+                else:
+                    inp = self.exact.rebuild(block, index, out, h)
+                    self.exact = None  # its memory goes with the step's
+        return inp, h, leaves, views, targets
 
     def _recompute_branch(
         self, sources: list[Tensor], kwargs: dict[str, Any], targets: list[Tensor]
@@ -251,8 +345,17 @@ def _verify(rebuilt: list[Tensor | None], tolerance: float, inputs: tuple[Tensor
         )
 
 
-def _grad(output: Tensor, inputs: list[Tensor], grad_output: Tensor) -> Grads:
-    """``torch.autograd.grad(output, inputs, grad_output, allow_unused=True)``, made cheaper.
+def _grad(
+    roots: list[tuple[Tensor, Tensor]],
+    consumed: list[Tensor],
+    seeds: list[Tensor | None],
+    inputs: list[Tensor],
+) -> Grads:
+    """Gradients of ``inputs`` from ``(output, grad_output)`` pairs, each tensor in
+    ``consumed`` starting from its seed (NOTE [gradient order]); ``allow_unused``.
+
+    A seed enters through an alias of its tensor made after everything else, so autograd, which
+    runs the latest node first, adds it before any other contribution, as plain autograd would.
 
     NOTE [engine call]: for plain tensors ``torch.autograd.grad`` validates and converts its
     arguments in Python (shape checks, ``__torch_function__`` dispatch) and then calls
@@ -261,13 +364,17 @@ def _grad(output: Tensor, inputs: list[Tensor], grad_output: Tensor) -> Grads:
     step's Python, so the engine calls the inner function itself when torch has it and no
     argument overrides torch functions.
     """
-    if not inputs or not output.requires_grad:
+    with torch.enable_grad():
+        roots = [(t, g) for t, g in roots if t.requires_grad]
+        roots += [(t.view_as(t), g) for t, g in zip(consumed, seeds) if g is not None]
+    if not inputs or not roots:
         return [None] * len(inputs)
-    if _engine_run_backward is None or has_torch_function((output, grad_output, *inputs)):
-        return list(torch.autograd.grad(output, inputs, grad_output, allow_unused=True))
+    outputs, grad_outputs = tuple(t for t, _ in roots), tuple(g for _, g in roots)
+    if _engine_run_backward is None or has_torch_function((*outputs, *grad_outputs, *inputs)):
+        return list(torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True))
     return list(
         _engine_run_backward(
-            (output,), (grad_output,), False, False, tuple(inputs), True, accumulate_grad=False
+            outputs, grad_outputs, False, False, tuple(inputs), True, accumulate_grad=False
         )
     )
 
@@ -290,13 +397,12 @@ class _StepFunction(torch.autograd.Function):
         return step.forward(inp, rest[:n_sources], leaves)
 
     @staticmethod
-    def backward(ctx: Any, d_out: Tensor | None) -> Any:
+    def backward(ctx: Any, _: None) -> Any:
+        # The output's gradient is on the tape (NOTE [gradient order]); autograd passes None.
         if torch.is_grad_enabled():
             raise ReversibilityError(DOUBLE_BACKWARD)
         step: _Step = ctx.step
-        d_inp, d_sources, leaf_grads = step.backward(
-            d_out, ctx.saved_tensors, ctx.needs_input_grad[1:]
-        )
+        d_inp, d_sources, leaf_grads = step.backward(ctx.saved_tensors, ctx.needs_input_grad[1:])
         return (None, d_inp, *d_sources, *leaf_grads, *([None] * step.sequenced))
 
 
@@ -305,18 +411,22 @@ class _Outputs(torch.autograd.Function):
 
     NOTE [outputs]: with copies the caller may modify the outputs in place without corrupting
     what the backward rebuilds everything from, and because this node takes every final stream,
-    using any one output runs the backward of every step.
+    using any one output runs the backward of every step. Their gradients start the tape's
+    running sums (NOTE [gradient order]); only a stream no step read gets its own back here.
     """
 
     @staticmethod
     def forward(ctx: Any, call: _Call, *streams: Tensor) -> tuple[Tensor, ...]:
         ctx.set_materialize_grads(False)  # an unused output passes None, as in plain autograd
+        ctx.call = call
         call.tape.values = list(streams)
         return tuple(s.clone() for s in streams)
 
     @staticmethod
-    def backward(ctx: Any, *grads: Tensor) -> Any:
-        return (None, *grads)
+    def backward(ctx: Any, *grads: Tensor | None) -> Any:
+        call: _Call = ctx.call
+        call.tape.grads = list(grads)
+        return (None, *(g if through else None for g, through in zip(grads, call.passthrough)))
 
 
 def reversible_forward(
@@ -325,24 +435,35 @@ def reversible_forward(
     kwargs: dict[str, Any],
     trace: Trace | None = None,
     verify: float | None = None,
+    exact: bool = False,
 ) -> tuple[Tensor, ...]:
     """Run ``blocks`` on ``streams`` keeping no activations; backward recomputes them.
 
     ``trace``, if given, receives each block's input streams, as computed and as rebuilt.
     ``verify``, if given, keeps the input streams and warns in backward when they are rebuilt
-    with a larger relative error.
+    with a larger relative error. ``exact`` makes every step's inverse bit-exact at the cost of
+    a few bits per element per step (NOTE [exact reversal]).
     """
-    call = _Call(len(streams), streams[0].device, kwargs, trace)
+    call = _Call(len(streams), streams[0].device, kwargs, trace, exact)
     if verify is not None:
         call.verify = (verify, tuple(s.detach() for s in streams))
     tensors = [kwargs[name] for name in call.tensor_names]
     values = list(streams)
     previous: Tensor | None = None
+    unread = [True] * len(streams)  # whether stream j still holds its input, unread
+    read_leaves: set[int] = set()
     for block_index, block in enumerate(blocks):
         if trace is not None:
             trace.forward[block_index] = tuple(v.clone() for v in values)
         for index, contents in enumerate(_step_contents(block)):
             step = _Step(block, block_index, index, call, contents)
+            touched = (step.target, *step.sources)
+            step.returns = tuple(unread[j] for j in touched)
+            for j in touched:
+                unread[j] = False
+            step.leaf_keys = tuple(id(t) for t in (*contents.params, *tensors))
+            step.returns_leaf = tuple(k not in read_leaves for k in step.leaf_keys)
+            read_leaves.update(step.leaf_keys)
             inputs = [values[step.target], *(values[j] for j in step.sources)]
             # The previous step's output orders the backward (see _Tape) and tells whether an
             # earlier step will run backward at all.
@@ -352,6 +473,7 @@ def reversible_forward(
             values[step.target] = previous = _StepFunction.apply(
                 step, *inputs, *contents.params, *tensors, *extra
             )
+    call.passthrough = unread
     return _Outputs.apply(call, *values)
 
 

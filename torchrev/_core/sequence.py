@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .block import AbstractReversibleBlock, check_steps
+from .exact import Exact, check_setting, resolve
 from .function import reversible_forward
 
 
@@ -17,7 +18,19 @@ class ReversibleSequential(nn.ModuleList):
 
     The trade-off: in training, memory for activations stays that of one block whatever the
     depth, and each block is computed once more in backward (about 4/3 the time of a plain
-    step). Gradients are those of plain autograd, up to floating-point rounding of the inverse.
+    step). Gradients are those of plain autograd.
+
+    ``exact`` decides how the backward rebuilds each block's input. Floating-point inverses
+    round, and a block that scales a stream down (a scaled, momentum or affine coupling,
+    RevCol's columns) divides in its inverse and amplifies the rounding at every block, as
+    does any block on 16-bit streams. ``exact=True`` makes every inverse bit-exact: each step
+    stores a small integer correction (2 to 9 bits per stream element, against 16 to 64 for
+    storing the input; see :mod:`torchrev._core.exact`), so the rebuilt inputs equal the
+    forward's and the gradients equal plain autograd's on the same forward. ``exact=False``
+    stores nothing and trusts the float inverse. ``"auto"`` (the default) is exact where
+    float reversal would amplify rounding (:attr:`AbstractReversibleBlock.amplifies_rounding`
+    or 16-bit streams) and float elsewhere (additive couplings on float32 or float64 streams,
+    whose inverse is good to a few ulps at any depth).
 
     With couplings (two streams) it is called as ``stack(x1, x2, **kwargs)`` and returns
     ``(y1, y2)``; ``stack.inverse(y1, y2, **kwargs)`` returns ``(x1, x2)``. Blocks on more
@@ -47,12 +60,23 @@ class ReversibleSequential(nn.ModuleList):
         reversible: bool = True,
         checkpoint_blocks: bool = False,
         verify: float | None = None,
+        exact: Exact = "auto",
     ) -> None:
         super().__init__(blocks)
         _check_blocks(blocks)
         self.reversible = reversible
         self.checkpoint_blocks = checkpoint_blocks
         self.verify = verify
+        self.exact = exact
+
+    @property
+    def exact(self) -> Exact:
+        """``True``, ``False`` or ``"auto"``: see the class docstring."""
+        return self._exact
+
+    @exact.setter
+    def exact(self, value: Exact) -> None:
+        self._exact = check_setting(value)
 
     def __getitem__(self, index: int | slice) -> Any:
         if isinstance(index, slice):
@@ -61,6 +85,7 @@ class ReversibleSequential(nn.ModuleList):
                 reversible=self.reversible,
                 checkpoint_blocks=self.checkpoint_blocks,
                 verify=self.verify,
+                exact=self.exact,
             )
         return super().__getitem__(index)
 
@@ -71,7 +96,8 @@ class ReversibleSequential(nn.ModuleList):
             blocks[0].check_streams(streams, "ReversibleSequential.forward")
         training = self.training and self._needs_grad(streams, kwargs)
         if self.reversible and training:
-            return reversible_forward(blocks, streams, kwargs, verify=self.verify)
+            exact = resolve(self.exact, blocks, streams)
+            return reversible_forward(blocks, streams, kwargs, verify=self.verify, exact=exact)
         for block in blocks:
             if self.checkpoint_blocks and training:
                 streams = checkpoint(block, *streams, use_reentrant=False, **kwargs)
@@ -97,7 +123,10 @@ class ReversibleSequential(nn.ModuleList):
         )
 
     def extra_repr(self) -> str:
-        return f"reversible={self.reversible}, checkpoint_blocks={self.checkpoint_blocks}"
+        return (
+            f"reversible={self.reversible}, exact={self.exact!r}, "
+            f"checkpoint_blocks={self.checkpoint_blocks}"
+        )
 
 
 def _check_blocks(blocks: Any) -> None:

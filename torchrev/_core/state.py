@@ -86,7 +86,9 @@ class AutocastState:
 
     NOTE [autocast replay]: the recomputation runs under exactly these settings, so it casts
     the same operations to the same dtypes as the forward did. Without this the recomputed
-    branch outputs differ from the forward's and the gradients are off by the cast error.
+    branch outputs differ from the forward's and the gradients are off by the cast error. The
+    differentiation of the recomputed graph runs outside them, as autograd's own backward
+    does: under autocast the backward's matrix products would be cast too.
     """
 
     settings: tuple[tuple[str, bool, torch.dtype], ...]

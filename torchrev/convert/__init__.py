@@ -3,11 +3,9 @@
 from ._replace import undo as undo
 from .branches import Adapter as Adapter
 from .meft import adapter_state_dict as adapter_state_dict
-from .meft import choose_reversible_layers as choose_reversible_layers
 from .meft import load_adapters as load_adapters
 from .meft import meft as meft
 from .meft import meft_stage as meft_stage
-from .meft import reconstruction_errors as reconstruction_errors
 from .report import ConversionReport as ConversionReport
 from .report import compare as compare
 from .rewire import rewire as rewire

@@ -21,6 +21,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .._core.exact import Exact
 from .._core.sequence import ReversibleSequential
 from .._core.streams import Duplicate, Mean
 from ..couplings.additive import AdditiveCoupling
@@ -37,11 +38,12 @@ class RewiredStage(nn.Module):
     forwarded to the branches when a loop passes one (Hugging Face encoders).
     """
 
-    def __init__(self, functions: Sequence[nn.Module]) -> None:
+    def __init__(self, functions: Sequence[nn.Module], exact: Exact = "auto") -> None:
         super().__init__()
         pairs = list(functions) + ([Zero()] if len(functions) % 2 else [])
         self.stack = ReversibleSequential(
-            *(AdditiveCoupling(pairs[i], pairs[i + 1]) for i in range(0, len(pairs), 2))
+            *(AdditiveCoupling(pairs[i], pairs[i + 1]) for i in range(0, len(pairs), 2)),
+            exact=exact,
         )
         self.split, self.merge = Duplicate(), Mean()
 
@@ -103,7 +105,10 @@ MATCHERS: tuple[Matcher, ...] = (_torchvision_resnet, _timm_block, _hf_resnet, _
 
 
 def rewire(
-    model: nn.Module, spec: Mapping[str, Callable[[nn.Module], list[nn.Module]]] | None = None
+    model: nn.Module,
+    spec: Mapping[str, Callable[[nn.Module], list[nn.Module]]] | None = None,
+    *,
+    exact: Exact = "auto",
 ) -> nn.Module:
     """Rewire ``model``'s residual stages into reversible ones, in place; returns ``model``.
 
@@ -112,7 +117,9 @@ def rewire(
     ``spec`` maps the dotted path of such a container to a function giving each of its blocks'
     residual functions (``block(x) == x + sum of compositions``, in order) for architectures
     not recognised. Parameters are kept: only module paths change. No match raises.
-    :func:`torchrev.undo` restores the original modules.
+    :func:`torchrev.undo` restores the original modules. ``exact`` is every rewired stack's
+    setting (see :class:`torchrev.ReversibleSequential`; ``"auto"`` reverses 16-bit streams
+    exactly and float32 ones in floating point, exact to rounding for additive couplings).
     """
     if converted(model):
         raise ValueError("this model is already converted; call torchrev.undo(model) first.")
@@ -129,7 +136,7 @@ def rewire(
                     targets.append((parent, name, child, None))
     rewired = 0
     for parent, name, container, residuals in targets:
-        new = _rewire_container(container, residuals)
+        new = _rewire_container(container, residuals, exact)
         if new is not None:
             replace(model, parent, name, new)
             rewired += 1
@@ -144,7 +151,7 @@ def rewire(
 
 
 def _rewire_container(
-    container: nn.Module, residuals: Callable[[nn.Module], list[nn.Module]] | None
+    container: nn.Module, residuals: Callable[[nn.Module], list[nn.Module]] | None, exact: Exact
 ) -> nn.Module | None:
     children = list(container)
     found = [residuals(c) if residuals else _match(c) for c in children]
@@ -157,7 +164,7 @@ def _rewire_container(
             continue
         if len(run) >= 2:
             flat = [f for block in run for f in found[children.index(block)]]
-            out.append(RewiredStage(flat))
+            out.append(RewiredStage(flat, exact))
             changed = True
         else:
             out.extend(run)

@@ -16,6 +16,8 @@ class AdditiveCoupling(AbstractCoupling):
     the split: each branch sees step of the state (or a duplicate of it).
     """
 
+    amplifies_rounding = False  # type: ignore[assignment]
+
     def update(self, x: Tensor, h: Tensor, step: int) -> Tensor:
         return x + h
 

@@ -30,6 +30,10 @@ class ScaledCoupling(AbstractCoupling):
         self.lam = float(lam)
         self.beta = float(beta)
 
+    @property
+    def amplifies_rounding(self) -> bool:
+        return abs(self.lam) < 1 or abs(self.beta) < 1
+
     def _scale(self, step: int) -> float:
         return self.lam if step == 0 else self.beta
 

@@ -7,6 +7,7 @@ from abc import ABC
 import torch
 from torch import Tensor, nn
 
+from .._core.exact import Exact
 from .._core.sequence import ReversibleSequential
 
 
@@ -33,6 +34,20 @@ class AbstractReversibleModel(nn.Module, ABC):
     def reversible(self, value: bool) -> None:
         for stack in self.stacks():
             stack.reversible = value
+
+    @property
+    def exact(self) -> Exact:
+        """Every stack's ``exact`` setting (see :class:`ReversibleSequential`); setting it
+        sets all of them."""
+        settings = {s.exact for s in self.stacks()}
+        if len(settings) != 1:
+            raise ValueError(f"this model's stacks differ in exact: {sorted(map(str, settings))}")
+        return settings.pop()
+
+    @exact.setter
+    def exact(self, value: Exact) -> None:
+        for stack in self.stacks():
+            stack.exact = value
 
     @property
     def checkpoint_blocks(self) -> bool:

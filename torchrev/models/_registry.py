@@ -71,10 +71,15 @@ def model_info(name: str) -> ModelInfo:
         ) from None
 
 
-def create_model(name: str, **kwargs: Any) -> nn.Module:
+def create_model(name: str, *, exact: Any = "auto", **kwargs: Any) -> nn.Module:
     """Build the registered model ``name``; keyword arguments override its defaults.
 
     Every model takes ``reversible: bool = True``: ``reversible=False`` computes the same
-    function with the same parameters through plain autograd.
+    function with the same parameters through plain autograd. ``exact`` sets every reversible
+    stack's exact-reversal mode (``True``, ``False`` or ``"auto"``, see
+    :class:`torchrev.ReversibleSequential`).
     """
-    return model_info(name).factory(**kwargs)
+    model = model_info(name).factory(**kwargs)
+    if exact != "auto":
+        model.exact = exact  # type: ignore[attr-defined]
+    return model
