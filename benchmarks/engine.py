@@ -18,6 +18,12 @@ streams of ``width`` features, fed a (batch, 2 * width) input. For each method i
   block's last Linear (1.25); a reversible backward needs the branch outputs themselves to
   rebuild the inputs, so it cannot stop early.
 
+``torchrev exact`` is the same stack with ``exact=True``: every inverse made bit-exact by a
+per-step integer correction (the additive couplings here reverse within a few ulps without
+it; the scaled, momentum and affine ones, and 16-bit streams, need it, and get it by default).
+Its row shows what that costs: memory, the bits stored per stream element per step, and its
+step time paired with the float engine's.
+
 Peers are skipped when not installed (``pip install --no-deps memcnn==1.5.2 revlib==1.7.2
 revtorch==0.2.4``). Run ``python benchmarks/engine.py`` (see benchmarks/README.md).
 """
@@ -72,9 +78,11 @@ class Checkpointed(nn.Module):
         return torch.cat((x1, x2), dim=1)
 
 
-def torchrev_model(pairs: list[tuple[nn.Module, nn.Module]], reversible: bool) -> nn.Module:
+def torchrev_model(
+    pairs: list[tuple[nn.Module, nn.Module]], reversible: bool, exact: bool = False
+) -> nn.Module:
     stack = torchrev.ReversibleSequential(
-        *(torchrev.AdditiveCoupling(f, g) for f, g in pairs), reversible=reversible
+        *(torchrev.AdditiveCoupling(f, g) for f, g in pairs), reversible=reversible, exact=exact
     )
     return torchrev.ReversibleStage(stack, torchrev.Split(1), torchrev.Concat(1))
 
@@ -103,10 +111,12 @@ def revtorch_model(pairs: list[tuple[nn.Module, nn.Module]]) -> nn.Module:
     return rv.ReversibleSequence(blocks)
 
 
+EXACT = "torchrev exact"
 BUILDERS: dict[str, Callable[[list[tuple[nn.Module, nn.Module]]], nn.Module]] = {
     "plain autograd": lambda pairs: torchrev_model(pairs, reversible=False),
     "checkpoint": Checkpointed,
     "torchrev": lambda pairs: torchrev_model(pairs, reversible=True),
+    EXACT: lambda pairs: torchrev_model(pairs, reversible=True, exact=True),
     "memcnn 1.5.2": memcnn_model,
     "revlib 1.7.2": revlib_model,
     "revtorch 0.2.4": revtorch_model,
@@ -145,7 +155,13 @@ def build(method: str, width: int, depth: int, device: torch.device) -> nn.Modul
 def measure_memory(method: str, width: int, depth: int, batch: int, device: torch.device) -> dict:
     model = build(method, width, depth, device)
     x = torch.randn(batch, 2 * width, device=device)
-    return step_memory(make_step(model, x), model)
+    row = step_memory(make_step(model, x), model)
+    if method == EXACT:
+        stack = model.stack
+        report = torchrev.check_reversibility(stack, *torchrev.Split(1)(x))
+        row["stored_bits"] = report.stored_bits  # per stream element per step
+        row["exact"] = report.exact
+    return row
 
 
 def measure_time(
@@ -166,7 +182,9 @@ def measure_time(
             "flop_ratio": flops[m] / flops["plain autograd"],
             "round_seconds": ts,
         }
-    others = [m for m in methods if m not in ("plain autograd", "torchrev")]
+    if EXACT in times:  # the exact mode's cost, paired with the float engine's
+        rows[EXACT]["over_float"] = median_ratio(times[EXACT], times["torchrev"])
+    others = [m for m in methods if m not in ("plain autograd", "torchrev", EXACT)]
     if "torchrev" in times and others:
         # By the paired ratio to plain, as the table reports it: the medians of seconds, taken
         # apart, can rank first a method whose paired ratio is higher.
@@ -234,6 +252,19 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
     if all("over_fastest_other" in r for r in mine):
         paired = " | ".join(f"{r['over_fastest_other']:.3f}x {r['fastest_other']}" for r in mine)
         lines.append(f"| torchrev over the fastest other (paired) | | {paired} |")
+    exact = [times.get((EXACT, *p), {}) for p in points]
+    if all("over_float" in r for r in exact):
+        paired = " | ".join(f"{r['over_float']:.3f}x" for r in exact)
+        lines.append(f"| torchrev exact over torchrev (paired) | | {paired} |")
+    bits = {(r["width"], r["depth"]): r["stored_bits"] for r in rows if "stored_bits" in r}
+    if bits:
+        lines += ["", "| exact reversal | " + " | ".join(f"w{w} L{d}" for w, d in cols) + " |"]
+        lines.append("|" + "---|" * (1 + len(cols)))
+        lines.append(
+            "| bits stored per stream element per step | "
+            + " | ".join(f"{bits[c]:.2f}" for c in cols)
+            + " |"
+        )
     return "\n".join(lines)
 
 

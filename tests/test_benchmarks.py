@@ -44,16 +44,23 @@ def test_engine_benchmark_writes_results(tmp_path):
     memory = {(r["method"], r["depth"]): r["live_mib"] for r in rows if "live_mib" in r}
     assert memory[("torchrev", 2)] == memory[("torchrev", 6)]
     assert memory[("plain autograd", 6)] > memory[("torchrev", 6)]
+    # Exact reversal: a correction per step, far less than plain autograd keeps per block.
+    exact_growth = memory[("torchrev exact", 6)] - memory[("torchrev exact", 2)]
+    assert 0 < exact_growth < (memory[("plain autograd", 6)] - memory[("plain autograd", 2)]) / 4
+    assert all(r["exact"] and 0 < r["stored_bits"] <= 9 for r in rows if "stored_bits" in r)
     # One recomputation per block; checkpoint stops before each block's last Linear.
     timed = [r for r in rows if "flop_ratio" in r]
     assert {r["batch"] for r in timed} == {32 // 8}  # elements per stream over the width
     flops = {r["method"]: r["flop_ratio"] for r in timed}
     assert flops["torchrev"] == pytest.approx(4 / 3, rel=1e-12)
+    assert flops["torchrev exact"] == flops["torchrev"]
     assert flops["checkpoint"] == pytest.approx(5 / 4, rel=1e-12)
     mine = [r for r in timed if r["method"] == "torchrev"]
     assert all(r["fastest_other"] not in ("torchrev", "plain autograd") for r in mine)
     assert all(len(r["round_seconds"]) == 1 for r in timed)
-    assert (tmp_path / "toy.csv").exists() and "| torchrev |" in (tmp_path / "toy.md").read_text()
+    table = (tmp_path / "toy.md").read_text()
+    assert (tmp_path / "toy.csv").exists() and "| torchrev |" in table
+    assert "torchrev exact over torchrev (paired)" in table and "bits stored per" in table
 
 
 def test_models_benchmark_quick(tmp_path):

@@ -4,11 +4,11 @@ Float reversal is not exact. A step ``y = u(x, h)`` rounds, and its inverse
 ``x' = u^{-1}(y, h)`` rounds again, so ``x'`` misses ``x`` by a few units in the last place
 (ulps); when ``u`` scales ``x`` down (``y = lam * x + h``), the inverse divides by ``lam`` and
 the miss grows by about ``1/lam`` per step, compounding down a stack. This module removes the
-miss instead of bounding it.
+miss instead of bounding it, at the price of a few bits per stream element per step.
 
 NOTE [exact reversal]: the forward is left exactly as it is. After computing ``y``, a step
-also computes ``x'`` the way the backward will (the block's own ``revert_``, on the same
-values, in the same autocast state, so bit for bit the same result), and stores
+also computes ``x'`` the way the backward will (the same ``revert`` call on the same values,
+in the same autocast state, so bit for bit the same result), and stores
 
 .. math:: c = \\mathrm{bits}(x) - \\mathrm{bits}(x') \\pmod{2^B}
 
@@ -17,10 +17,17 @@ where ``bits`` reads a float's B-bit pattern as a signed integer. The backward r
 ``bits(x)`` exactly, even across a change of sign, an overflow or a NaN. Everything below a
 step is then rebuilt bit-identically, the recomputed branches see the forward's inputs, and
 the gradients are plain autograd's on the same forward. ``c`` is mostly 0 or a few ulps, so
-it is stored as a cascade of narrow codes (:class:`Correction`): every element gets a 2-bit
-code, the elements that do not fit get a 4-bit one, then 8, 16 and the full ``B`` bits. An
-additive float32 step costs about 2 bits per element, a scale of 0.1 about 6 (measured in
-``benchmarks/engine.py``), against ``B`` for storing the input.
+:class:`Correction` stores it as a dense code of 4, 8 or 16 bits per element (whichever
+stores least on a sample) and, for the few elements that do not fit, their index and full
+bits. Measured (``benchmarks/engine.py``, ``tests/test_exact.py``): about 4 bits per element
+for an additive float32 or bfloat16 step, 5 to 9 for scales of 0.5 to 0.1, against ``B``
+(16 to 64) for storing the input. The trade-off chose speed over the last bits: a cascade of
+narrower codes stores about a third less for scaled steps, but finding and placing its
+escapes costs more than the branches themselves at small widths.
+
+The alternative, fixed-point streams with an information buffer for the bits a scaling drops
+(MacKay et al. 2018), stores about ``log2(1/lam)`` bits per scaled step and none for additive
+ones, but quantises the forward, so its gradients are not plain autograd's.
 
 NOTE [recomputation checksum]: the correction is only right if the backward recomputes
 the branch output ``h`` bit for bit (nondeterministic kernels or a random draw the engine
@@ -49,9 +56,9 @@ BITS = {
     torch.float64: torch.int64,
 }
 LOW_PRECISION = (torch.float16, torch.bfloat16)
-#: Widths of the cascade's codes, below the full width of the stream's type.
-CODE_WIDTHS = (2, 4, 8, 16)
-_STORE = {8: torch.int8, 16: torch.int16, 32: torch.int32}
+#: Widths of the dense code, below the full width of the stream's type.
+CODE_WIDTHS = (4, 8, 16)
+_STORE = {8: torch.int8, 16: torch.int16}
 
 
 def resolve(
@@ -114,9 +121,9 @@ class Correction:
         if width == torch.iinfo(int_type).bits:
             return cls(diff.clone(), width, diff.numel(), None, None)
         half = 1 << (width - 1)
-        narrow = diff.clamp(-half, half).to(_STORE[max(8, width)])  # +-half wrap to -half
+        narrow = diff.clamp_(-half, half).to(_STORE[max(8, width)])  # +-half wrap to -half
         if width < 8:
-            narrow = narrow.view(torch.uint8) & ((1 << width) - 1)
+            narrow = narrow.view(torch.uint8).bitwise_and_((1 << width) - 1)
         index = _find(narrow, _sentinel(width))
         values = bits.take(index)  # the bits of x itself where its difference does not fit
         small = torch.int32 if diff.numel() < 2**31 else torch.int64
@@ -125,8 +132,7 @@ class Correction:
     def apply_(self, rebuilt: Tensor) -> Tensor:
         """Turn ``rebuilt`` into the ``x`` it was recorded against, in place; return it."""
         bits = rebuilt.view(BITS[rebuilt.dtype])
-        code = _unpack(self.codes, self.width, self.count)
-        bits.add_(code.view(bits.shape))
+        bits.add_(_unpack(self.codes, self.width, self.count).view(bits.shape))
         if self.index is not None and self.values is not None and self.index.numel():
             bits.put_(self.index.long(), self.values)
         return rebuilt
@@ -186,40 +192,28 @@ def _signed64(value: int) -> int:
 
 
 def _pack(narrow: Tensor, width: int) -> Tensor:
-    """Several codes to a byte below 8 bits (the first in the lowest bits)."""
+    """4-bit codes two to a byte, element ``i`` in the low half and ``i + ceil(n / 2)`` in the
+    high half (halves, not neighbours: both are then contiguous runs, several times faster to
+    split and join than interleaved pairs)."""
     if width >= 8:
         return narrow
-    per_byte = 8 // width
-    pad = -narrow.numel() % per_byte
-    if pad:
-        narrow = torch.cat((narrow, narrow.new_zeros(pad)))
-    narrow = narrow.view(-1, per_byte)
-    packed = narrow[:, 0].clone()
-    for k in range(1, per_byte):
-        packed |= narrow[:, k] << (k * width)
+    half = (narrow.numel() + 1) // 2
+    low, high = narrow[:half], narrow[half:]
+    packed = low.clone()
+    packed[: high.numel()] |= high << 4
     return packed
 
 
 def _unpack(codes: Tensor, width: int, count: int) -> Tensor:
-    """The signed codes of :func:`_pack`, one per element, as ``int8`` below 8 bits."""
+    """The signed codes of :func:`_pack`, one per element (``int8`` below 8 bits): each half
+    shifted to the top of its byte and back down with the sign."""
     if width >= 8:
         return codes
-    table = _decode_table(width, codes.device)
-    return table.index_select(0, codes.int()).view(-1)[:count]
-
-
-_TABLES: dict[tuple[int, torch.device], Tensor] = {}
-
-
-def _decode_table(width: int, device: torch.device) -> Tensor:
-    """Row ``b``: the ``8 // width`` signed codes packed in byte ``b``."""
-    key = (width, device)
-    if key not in _TABLES:
-        fields = torch.arange(256).unsqueeze(1) >> torch.arange(0, 8, width)
-        low = fields & ((1 << width) - 1)
-        signed = low - ((low & (1 << (width - 1))) << 1)
-        _TABLES[key] = signed.to(device=device, dtype=torch.int8)
-    return _TABLES[key]
+    out = torch.empty(count, dtype=torch.int8, device=codes.device)
+    low, high = out[: codes.numel()], out[codes.numel() :]
+    torch.bitwise_right_shift((codes << 4).view(torch.int8), 4, out=low)
+    torch.bitwise_right_shift(codes[: high.numel()].view(torch.int8), 4, out=high)
+    return out
 
 
 def checksum(h: Tensor) -> Tensor:
