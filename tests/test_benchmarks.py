@@ -98,13 +98,16 @@ def test_neural_ode_example_runs(tmp_path, monkeypatch):
 
 
 def test_convert_benchmark_quick(tmp_path):
-    load("convert").main(
-        ["--seq", "16", "--batch", "1", "--image-batch", "1", "--out", str(tmp_path)]
-    )
+    args = ["--seq", "16", "--batch", "1", "--image-batch", "1", "--out", str(tmp_path)]
+    load("convert").main([*args, "--minilm-seq", "64", "--minilm-batch", "2"])
     rows = json.loads((tmp_path / "convert-cpu.json").read_text())["rows"]
     meft = next(r for r in rows if r["method"].startswith("MEFT1, 12"))
     assert meft["vs_full"] < 1
     assert all(r["ratio"] > 1 for r in rows if "ratio" in r)
+    minilm = [r for r in rows if r["method"].startswith("MEFT") and "first_step_mib" in r]
+    assert len(minilm) == 3  # every variant, every layer reversible, first step included
+    assert all(r["first_step_mib"] <= 1.01 * r["activation_mib"] for r in minilm)
+    assert all(r["vs_full"] < 0.5 for r in minilm)
 
 
 def test_median_ratio_cancels_drift_within_rounds():

@@ -51,6 +51,12 @@ class AbstractReversibleBlock(nn.Module, ABC):
     def num_streams(self) -> int:
         return 1 + max(max(t, *s) for t, s in self.steps)
 
+    @property
+    def calls_branches_plainly(self) -> bool:
+        """Whether :meth:`run_branch` is the base class's, which computes nothing around the
+        branch (a block that overrides it may compute anything; see NOTE [pure branches])."""
+        return type(self).run_branch is AbstractReversibleBlock.run_branch
+
     @abstractmethod
     def branch(self, step: int) -> nn.Module:
         """The module whose output drives step ``step``."""
@@ -80,6 +86,18 @@ class AbstractReversibleBlock(nn.Module, ABC):
         Simple updates override this so that the backward need not rebuild ``y`` to
         differentiate it: one stream-sized tensor less at the memory peak.
         """
+        return None
+
+    def update_(self, x: Tensor, h: Tensor, step: int) -> Tensor:
+        """:meth:`update`, allowed to overwrite ``x`` with the result; used, as :meth:`revert_`
+        is, when the block runs backwards (``stack.inverse`` in training)."""
+        return self.update(x, h, step)
+
+    def revert_vjp(
+        self, y: Tensor, h: Tensor, d_x: Tensor, step: int
+    ) -> tuple[Tensor, Tensor] | None:
+        """``(dL/dy, dL/dh)`` of ``x = revert(y, h)`` given ``dL/dx``, or None: what
+        :meth:`update_vjp` is to the forward direction, for the inverse one."""
         return None
 
     def branch_shape(self, target: Tensor, step: int) -> torch.Size:

@@ -11,7 +11,7 @@ from torch import Tensor
 from .exact import resolve
 from .function import Trace, reversible_forward
 from .sequence import ReversibleSequential
-from .state import RngState, buffers_preserved
+from .state import RngState, Written, buffers_preserved
 
 
 @dataclass(frozen=True)
@@ -101,11 +101,17 @@ def check_reversibility(
     extras = [v for v in kwargs.values() if isinstance(v, Tensor) and v.requires_grad]
     params = [p for p in stack.parameters() if p.requires_grad]
     start = RngState.capture(inputs[0].device)
+    buffers = tuple(  # each run works on copies: the stack's own are left as they were
+        Written(m, name, b)
+        for m in stack.modules()
+        for name, b in m._buffers.items()
+        if b is not None
+    )
     weights = _loss_weights(inputs)
 
     def step(reversible: bool) -> tuple[list[Tensor | None], Trace]:
         trace = Trace()
-        with start.replayed(), buffers_preserved(tuple(stack.buffers())), torch.enable_grad():
+        with start.replayed(), buffers_preserved(buffers), torch.enable_grad():
             if reversible:
                 outputs = reversible_forward(blocks, inputs, kwargs, trace=trace, exact=exact)
             else:

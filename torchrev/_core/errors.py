@@ -6,9 +6,9 @@ from __future__ import annotations
 class ReversibilityError(RuntimeError):
     """A reversible computation was used in a way that would give wrong gradients.
 
-    Raised instead of returning a silently wrong result: a second backward through a stack
-    whose activations were already consumed, ``create_graph=True``, a branch that modifies its
-    input in place, or an input that a branch's recomputation cannot reproduce.
+    Raised instead of returning a silently wrong result: ``create_graph=True``, a branch that
+    modifies its input in place or recomputes differently from its forward, or a trainable
+    tensor a branch closes over.
     """
 
 
@@ -17,10 +17,9 @@ class ReversibilityWarning(UserWarning):
 
 
 SECOND_BACKWARD = (
-    "backward ran twice through the same forward of a reversible stack. The stack rebuilds its "
-    "activations from its outputs and releases them as it goes, so the graph cannot be reused "
-    "(retain_graph=True does not keep them). Run the forward again before the second backward, "
-    "or set `stack.reversible = False` to store activations like plain autograd."
+    "a step of a reversible stack ran backward without the stack's outputs having started the "
+    "backward, so the stack cannot rebuild its activations. This is a bug in torchrev or in a "
+    "custom autograd graph that calls a step node directly; please report it."
 )
 
 DOUBLE_BACKWARD = (

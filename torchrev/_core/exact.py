@@ -67,6 +67,8 @@ def resolve(
     """Whether a stack call reverses exactly; ``"auto"``: wherever float reversal would amplify
     rounding (a block that divides, see :attr:`~AbstractReversibleBlock.amplifies_rounding`, or
     16-bit streams, where one ulp is already 0.4%)."""
+    if any(s.is_meta for s in streams):
+        return False  # shapes only: there are no values to correct
     if exact != "auto":
         if exact and any(s.dtype not in BITS for s in streams):
             dtypes = sorted({str(s.dtype) for s in streams})

@@ -4,7 +4,7 @@ A stack of reversible blocks is one chain of steps over a tuple of streams; step
 stream ``t`` by ``update(s[t], branch(s[S]))`` (see :class:`AbstractReversibleBlock`; a coupling
 is two steps). Each step is one autograd node (:class:`_StepFunction`) that stores none of its
 inputs; a last node (:class:`_Outputs`) keeps the final streams. In backward, step ``k`` reads
-the current value of every stream from a per-call :class:`_Tape`, recomputes its branch with
+the current value of every stream from a per-call :class:`Tape`, recomputes its branch with
 grad (the only recomputation), rebuilds ``s[t] = revert(s[t], branch(s[S]))`` in place, and
 differentiates the branch. Autograd itself sums the gradients that reach a stream value from
 its consumers, and accumulates each step's parameter gradients before the next step is
@@ -18,10 +18,10 @@ import warnings
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.func import functional_call
 from torch.overrides import has_torch_function
 
@@ -31,11 +31,20 @@ except ImportError:  # pragma: no cover - older or newer torch: the public call 
     _engine_run_backward = None
 
 from .block import AbstractReversibleBlock
-from .errors import DOUBLE_BACKWARD, SECOND_BACKWARD, ReversibilityError, ReversibilityWarning
+from .contents import StepContents, step_contents
+from .errors import DOUBLE_BACKWARD, ReversibilityError, ReversibilityWarning
 from .exact import ExactStep
 from .leaves import check_tracked
-from .purity import pure_layers, unobserved
-from .state import AutocastState, BufferWatch, FunctionModes, RngState, buffers_preserved
+from .purity import unobserved
+from .state import (
+    AutocastState,
+    BufferWatch,
+    FunctionModes,
+    RngState,
+    Written,
+    buffers_preserved,
+)
+from .tape import Tape
 
 Grads = list[Tensor | None]
 _UNTRACKED = (
@@ -54,39 +63,6 @@ class Trace:
     stored_bits: dict[int, list[float]] = field(default_factory=dict)
 
 
-class _Tape:
-    """The value every stream has at the point the backward has reached, and its gradient.
-
-    NOTE [tape]: the last node stores the final streams; each step's backward overwrites its
-    target stream with the value it had before the step, and the lowest step that runs clears
-    the tape. Steps run backward in exactly the reverse order of the forward because each step
-    node takes the previous step's output as an input (see reversible_forward). An empty tape
-    in backward therefore means this forward was already backpropagated: an error, not a
-    reason to recompute.
-
-    NOTE [gradient order]: floating-point sums depend on their order, so to return plain
-    autograd's gradients bit for bit the engine must add up the contributions to each value in
-    plain autograd's order. Plain autograd runs later nodes first: a stream value's gradient
-    starts with what the update that replaces it passes back, then gains each branch that read
-    it, latest first, one operation at a time. The tape keeps that running sum per stream
-    (``grads``) and, for tensors several steps read (shared parameters, kwargs), per tensor
-    (``shared``); each recomputation is seeded with it (an alias of the input, made after the
-    branch so that autograd runs it first) and leaves the new sum on the tape. Only the
-    earliest reader of a tensor that enters the stack returns its sum to autograd.
-    """
-
-    def __init__(self, n_streams: int) -> None:
-        self.values: list[Tensor | None] = [None] * n_streams
-        self.grads: list[Tensor | None] = [None] * n_streams
-        self.shared: dict[int, Tensor] = {}
-
-    def get(self, j: int) -> Tensor:
-        value = self.values[j]
-        if value is None:
-            raise ReversibilityError(SECOND_BACKWARD)
-        return value
-
-
 class _Call:
     """What the steps of one stack call share: the tape, the replay state, the kwargs."""
 
@@ -98,7 +74,7 @@ class _Call:
         trace: Trace | None,
         exact: bool,
     ) -> None:
-        self.tape = _Tape(n_streams)
+        self.tape = Tape(n_streams)
         self.trace = trace  # diagnostics only
         self.exact = exact  # see NOTE [exact reversal]
         self.passthrough: list[bool] = []  # final streams no step read: _Outputs returns them
@@ -130,13 +106,14 @@ class _Step:
         self.block, self.block_index, self.index, self.call = block, block_index, index, call
         self.target, self.sources = block.steps[index]
         self.n_params = len(contents.params)
-        self.hooked = any(p._backward_hooks for p in contents.params)  # only branch ones can be
         self.owners = contents.owners
         self.pure = contents.pure  # see NOTE [pure branches]; the forward may revoke it
         self.sequenced = False  # whether the previous step's output is an extra last input
         self.lowest = False  # whether no earlier step will run backward
         self.rng: RngState | None = None
-        self.written: tuple[Tensor, ...] = ()
+        self.written: tuple[Written, ...] = ()
+        self.frozen = contents.frozen
+        self.watched: tuple[Tensor, ...] = ()  # see NOTE [version checks]
         self.exact: ExactStep | None = None
         self.dtype = torch.float32  # the input's, which an update may promote
         # NOTE [gradient order]: which of (inp, *sources) and of the leaves entered the stack
@@ -157,6 +134,9 @@ class _Step:
             self.rng = None if after.same_as(call.rng) else call.rng
             call.rng = after
         self.written = watch.written()
+        written = {id(w.tensor) for w in self.written}
+        buffers = (b for m in self.owners for b in m._buffers.values() if b is not None)
+        self.watched = (*self.frozen, *(b for b in buffers if id(b) not in written))
         self.dtype = inp.dtype
         out = block.update(inp, h, self.index)
         if call.exact:
@@ -210,6 +190,13 @@ class _Step:
                 _verify(tape.values, *self.call.verify)
             tape.values = [None] * len(tape.values)
             tape.grads = [None] * len(tape.grads)
+            if not tape.keep:
+                self.call.verify = None
+        if not tape.keep:
+            # As autograd frees a node's saved tensors after its backward: the graph may stay
+            # referenced (a loss kept until the next step), this step's records need not.
+            self.exact = self.rng = None
+            self.written = self.watched = ()
         return returned[0], returned[1:], leaf_grads
 
     def _leaf_totals(self, want: list[bool], computed: Grads) -> Grads:
@@ -304,7 +291,6 @@ class _Step:
                     inp = block.revert_(out, h, index).to(self.dtype)
                 else:
                     inp = self.exact.rebuild(block, index, out, h)
-                    self.exact = None  # its memory goes with the step's
         return inp, h, leaves, views, targets
 
     def _recompute_branch(
@@ -312,7 +298,7 @@ class _Step:
     ) -> tuple[Tensor, list[Tensor]]:
         """The branch's output with grad, and the tensors to differentiate for ``targets``."""
         branch = self.block.branch(self.index)
-        if not self.hooked:
+        if not any(t._backward_hooks for t in targets):  # hooks added after the forward count
             return branch(*sources, **kwargs), targets
         # NOTE [hooks once]: autograd.grad runs a parameter's tensor hooks when it captures its
         # gradient, and the outer backward runs them again on what this node returns. A hooked
@@ -391,10 +377,13 @@ class _StepFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         n_sources = len(step.sources)
         leaves = rest[n_sources : len(rest) - step.sequenced]
-        # Saved only so that autograd's version check catches an in-place change of a
-        # parameter or kwarg between forward and backward; nothing is copied.
-        ctx.save_for_backward(*leaves)
-        return step.forward(inp, rest[:n_sources], leaves)
+        out = step.forward(inp, rest[:n_sources], leaves)
+        # NOTE [version checks]: saved (nothing is copied) only so that autograd's version
+        # check catches what plain autograd's would: an in-place change, between forward and
+        # backward, of a parameter, a kwarg, a frozen parameter or a buffer the branch read but
+        # did not write, any of which would make the recomputation differ.
+        ctx.save_for_backward(*leaves, *step.watched)
+        return out
 
     @staticmethod
     def backward(ctx: Any, _: None) -> Any:
@@ -402,7 +391,8 @@ class _StepFunction(torch.autograd.Function):
         if torch.is_grad_enabled():
             raise ReversibilityError(DOUBLE_BACKWARD)
         step: _Step = ctx.step
-        d_inp, d_sources, leaf_grads = step.backward(ctx.saved_tensors, ctx.needs_input_grad[1:])
+        leaves = ctx.saved_tensors[: len(ctx.saved_tensors) - len(step.watched)]
+        d_inp, d_sources, leaf_grads = step.backward(leaves, ctx.needs_input_grad[1:])
         return (None, d_inp, *d_sources, *leaf_grads, *([None] * step.sequenced))
 
 
@@ -413,20 +403,29 @@ class _Outputs(torch.autograd.Function):
     what the backward rebuilds everything from, and because this node takes every final stream,
     using any one output runs the backward of every step. Their gradients start the tape's
     running sums (NOTE [gradient order]); only a stream no step read gets its own back here.
+    Every backward through this node starts the tape afresh from the saved streams, so a graph
+    kept with ``retain_graph=True`` can be backpropagated again, wholly or in part.
     """
 
     @staticmethod
     def forward(ctx: Any, call: _Call, *streams: Tensor) -> tuple[Tensor, ...]:
         ctx.set_materialize_grads(False)  # an unused output passes None, as in plain autograd
         ctx.call = call
-        call.tape.values = list(streams)
+        ctx.save_for_backward(*streams)
         return tuple(s.clone() for s in streams)
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor | None) -> Any:
         call: _Call = ctx.call
-        call.tape.grads = list(grads)
+        call.tape.start(ctx.saved_tensors, grads, keep=_keeps_graph())
         return (None, *(g if through else None for g, through in zip(grads, call.passthrough)))
+
+
+def _keeps_graph() -> bool:
+    """Whether the running backward keeps the graph (``retain_graph=True``); True when this
+    torch cannot tell, which only costs a copy of the final streams."""
+    get = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if get is None else bool(get())
 
 
 def reversible_forward(
@@ -455,7 +454,7 @@ def reversible_forward(
     for block_index, block in enumerate(blocks):
         if trace is not None:
             trace.forward[block_index] = tuple(v.clone() for v in values)
-        for index, contents in enumerate(_step_contents(block)):
+        for index, contents in enumerate(step_contents(block)):
             step = _Step(block, block_index, index, call, contents)
             touched = (step.target, *step.sources)
             step.returns = tuple(unread[j] for j in touched)
@@ -465,7 +464,7 @@ def reversible_forward(
             step.returns_leaf = tuple(k not in read_leaves for k in step.leaf_keys)
             read_leaves.update(step.leaf_keys)
             inputs = [values[step.target], *(values[j] for j in step.sources)]
-            # The previous step's output orders the backward (see _Tape) and tells whether an
+            # The previous step's output orders the backward (see Tape) and tells whether an
             # earlier step will run backward at all.
             step.lowest = previous is None or not previous.requires_grad
             step.sequenced = previous is not None and all(previous is not t for t in inputs)
@@ -475,63 +474,3 @@ def reversible_forward(
             )
     call.passthrough = unread
     return _Outputs.apply(call, *values)
-
-
-class StepContents(NamedTuple):
-    """What a step's branch may touch, gathered on every call: parameters' ``requires_grad``
-    and hooks may change between calls."""
-
-    params: list[Tensor]  # trainable: the branch's and the block's own (used by ``update``)
-    owners: tuple[nn.Module, ...]  # submodules holding buffers
-    pure: bool  # see NOTE [pure branches]
-
-
-def _step_contents(block: AbstractReversibleBlock) -> list[StepContents]:
-    """Per step: the parameters it may use (never those only other branches have), the
-    submodules whose buffers it may write, and whether its branch is pure."""
-    branches = [block.branch(i) for i in range(len(block.steps))]
-    walks = [_submodules(b) for b in branches]
-    own = _own_parameters(block, branches, walks)
-    # A block that overrides run_branch may compute anything around its branches.
-    plain_call = type(block).run_branch is AbstractReversibleBlock.run_branch
-    contents = []
-    for walk in walks:
-        params = {id(p): p for m in walk for p in m._parameters.values() if p is not None}
-        params.update((id(p), p) for p in own)
-        trainable = [p for p in params.values() if p.requires_grad]
-        owners = tuple(m for m in walk if m._buffers)
-        contents.append(StepContents(trainable, owners, plain_call and pure_layers(walk)))
-    return contents
-
-
-def _own_parameters(
-    block: AbstractReversibleBlock, branches: list[nn.Module], walks: list[list[nn.Module]]
-) -> list[Tensor]:
-    """Parameters of ``block`` in none of its branches (those ``update`` may use)."""
-    outside = _submodules(block, skip={id(b) for b in branches})
-    candidates = [p for m in outside for p in m._parameters.values() if p is not None]
-    if not candidates:
-        return candidates  # the usual case: a block is its branches
-    inside = {id(p) for walk in walks for m in walk for p in m._parameters.values()}
-    own = [p for p in candidates if id(p) not in inside]
-    if any(p.requires_grad and p._backward_hooks for p in own):
-        raise ReversibilityError(
-            f"a parameter of {type(block).__name__} outside its branches has a tensor hook "
-            f"(register_hook); the reversible backward would run it twice. Register the hook "
-            f"with register_post_accumulate_grad_hook, or on a parameter of a branch."
-        )
-    return own
-
-
-def _submodules(root: nn.Module, skip: set[int] | None = None) -> list[nn.Module]:
-    """``root`` and every module below it, each once, not entering those whose id is in
-    ``skip``: ``nn.Module.modules`` without the name bookkeeping, which costs more than the
-    step's other Python work together."""
-    found, seen = [root], {id(root)}
-    skip = skip or set()
-    for module in found:  # grows while it is walked
-        for child in module._modules.values():
-            if child is not None and id(child) not in seen and id(child) not in skip:
-                seen.add(id(child))
-                found.append(child)
-    return found

@@ -19,15 +19,26 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
 from torch.overrides import has_torch_function
 
+
+class PassThrough(nn.Identity):
+    """``nn.Identity`` that accepts and ignores the keyword arguments a stack passes to every
+    branch: the branch of a step that adds another stream as it is (MomentumCoupling's)."""
+
+    def forward(self, x: Tensor, **_: Any) -> Tensor:
+        return x
+
+
 # Exact types: a subclass may override forward. None of these draws random numbers.
 PURE_LAYERS: frozenset[type[nn.Module]] = frozenset(
     {
+        PassThrough,
         nn.Sequential,
         nn.Identity,
         nn.Flatten,

@@ -11,6 +11,7 @@ from torch.utils.checkpoint import checkpoint
 from .block import AbstractReversibleBlock, check_steps
 from .exact import Exact, check_setting, resolve
 from .function import reversible_forward
+from .inverse import Inverted
 
 
 class ReversibleSequential(nn.ModuleList):
@@ -106,10 +107,20 @@ class ReversibleSequential(nn.ModuleList):
         return tuple(streams)
 
     def inverse(self, *streams: Tensor, **kwargs: Any) -> tuple[Tensor, ...]:
-        """Recover the inputs from the outputs, running the blocks' inverses top down."""
+        """Recover the inputs from the outputs, running the blocks' inverses top down.
+
+        Trains like the forward direction: when the forward would run the memory-free path,
+        so does this, on the blocks run backwards (:class:`Inverted`), storing no activations
+        and with the same exactness; otherwise each block's ``inverse`` runs as a plain module.
+        """
         blocks = list(self)
+        _check_blocks(blocks)
         if blocks:
             blocks[-1].check_streams(streams, "ReversibleSequential.inverse")
+        if self.reversible and self.training and self._needs_grad(streams, kwargs):
+            inverted = [Inverted(block) for block in reversed(blocks)]
+            exact = resolve(self.exact, inverted, streams)
+            return reversible_forward(inverted, streams, kwargs, verify=self.verify, exact=exact)
         for block in reversed(blocks):
             streams = block.inverse(*streams, **kwargs)
         return tuple(streams)

@@ -96,7 +96,8 @@ class AutocastState:
 
     @classmethod
     def capture(cls, device: torch.device) -> AutocastState:
-        types = ("cpu",) if device.type == "cpu" else ("cpu", device.type)
+        # Autocast exists for the CPU and accelerators, not for "meta" (shape inference).
+        types = ("cpu",) if device.type in ("cpu", "meta") else ("cpu", device.type)
         settings = tuple(
             (t, torch.is_autocast_enabled(t), torch.get_autocast_dtype(t)) for t in types
         )
@@ -149,56 +150,69 @@ def _pushed(modes: tuple[object, ...]) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class BufferWatch:
-    """Buffers of a module and their version counters, to find which ones a forward wrote."""
+    """The buffers of some modules, by identity and version, to find which a forward wrote."""
 
     owners: tuple[nn.Module, ...]
-    versions: tuple[tuple[int, ...], ...]
+    states: tuple[tuple[tuple[str, int, int], ...], ...]  # per owner: (name, id, version)
 
     @classmethod
     def start(cls, owners: tuple[nn.Module, ...]) -> BufferWatch:
         """Watch the buffers of ``owners``, the submodules that hold any."""
         if not owners:
             return _NOTHING_TO_WATCH  # the common case, on the per-step path
-        versions = tuple(tuple(b._version for b in _own_buffers(m)) for m in owners)
-        return cls(owners, versions)
+        return cls(owners, tuple(_buffer_states(m) for m in owners))
 
-    def written(self) -> tuple[Tensor, ...]:
-        """All buffers of every submodule that wrote any of its buffers since :meth:`start`.
+    def written(self) -> tuple[Written, ...]:
+        """Every buffer of each submodule that wrote any of its buffers since :meth:`start`,
+        in place or by assigning a new tensor, as it is now.
 
-        NOTE [buffer writes]: a whole submodule counts as written when one of its buffers'
-        version changed, because kernels such as batch norm update ``running_mean`` without
-        bumping its version; ``num_batches_tracked`` is bumped and gives the module away.
+        NOTE [buffer writes]: a whole submodule counts as written when one of its buffers
+        changed, because kernels such as batch norm update ``running_mean`` without bumping
+        its version; ``num_batches_tracked`` is bumped and gives the module away.
         """
-        out: list[Tensor] = []
-        for owner, before in zip(self.owners, self.versions):
-            buffers = _own_buffers(owner)
-            if tuple(b._version for b in buffers) != before:
-                out.extend(buffers)
+        out: list[Written] = []
+        for owner, before in zip(self.owners, self.states):
+            if _buffer_states(owner) != before:
+                out.extend(
+                    Written(owner, name, b) for name, b in owner._buffers.items() if b is not None
+                )
         return tuple(out)
+
+
+class Written(NamedTuple):
+    """A buffer a forward wrote: its module, its name there, and the tensor it left."""
+
+    owner: nn.Module
+    name: str
+    tensor: Tensor
 
 
 _NOTHING_TO_WATCH = BufferWatch((), ())
 
 
-def _own_buffers(module: nn.Module) -> list[Tensor]:
-    return [b for b in module._buffers.values() if b is not None]
+def _buffer_states(module: nn.Module) -> tuple[tuple[str, int, int], ...]:
+    return tuple((n, id(b), b._version) for n, b in module._buffers.items() if b is not None)
 
 
-def buffers_preserved(buffers: tuple[Tensor, ...]) -> AbstractContextManager[None]:
-    """Undo any write to ``buffers`` made in the body (running statistics, step counters).
+def buffers_preserved(written: tuple[Written, ...]) -> AbstractContextManager[None]:
+    """Run the body on copies of the buffers a forward wrote, then put the originals back.
 
-    NOTE [buffers once]: the recomputation would update batch-norm statistics a second time;
-    restoring them afterwards keeps the update the forward made, exactly once per step.
+    NOTE [buffers once]: the recomputation would update batch-norm statistics (or any buffer
+    its forward wrote) a second time. Giving it copies, then restoring the module's own tensor
+    objects, keeps the update the forward made, exactly once per step, whether the module writes
+    in place or assigns a new tensor, and without touching the originals: their autograd version
+    counters stay as they were, so other graphs that saved them are not disturbed.
     """
-    return _restored(buffers) if buffers else nullcontext()
+    return _swapped(written) if written else nullcontext()
 
 
 @contextmanager
-def _restored(buffers: tuple[Tensor, ...]) -> Iterator[None]:
-    saved = [b.detach().clone() for b in buffers]
+def _swapped(written: tuple[Written, ...]) -> Iterator[None]:
+    originals = [(w.owner, w.name, w.owner._buffers[w.name]) for w in written]
+    for owner, name, tensor in originals:
+        owner._buffers[name] = tensor.detach().clone()
     try:
         yield
     finally:
-        with torch.no_grad():
-            for buffer, value in zip(buffers, saved):
-                buffer.copy_(value)
+        for owner, name, tensor in originals:
+            owner._buffers[name] = tensor

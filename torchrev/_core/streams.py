@@ -22,6 +22,7 @@ class Split(nn.Module):
         self.dim = dim
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        _check_dim(self, x, self.dim)
         size = x.shape[self.dim]
         if size % 2:
             raise ValueError(
@@ -31,6 +32,10 @@ class Split(nn.Module):
             )
         x1, x2 = x.split(size // 2, dim=self.dim)
         return x1, x2
+
+    def inverse(self, x1: Tensor, x2: Tensor) -> Tensor:
+        """The tensor whose halves ``x1`` and ``x2`` are."""
+        return torch.cat((x1, x2), dim=self.dim)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}"
@@ -51,7 +56,12 @@ class Concat(nn.Module):
         self.dim = dim
 
     def forward(self, y1: Tensor, y2: Tensor) -> Tensor:
+        _check_dim(self, y1, self.dim)
         return torch.cat((y1, y2), dim=self.dim)
+
+    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        """The two streams that make ``y``: its halves along ``dim``."""
+        return Split(self.dim)(y)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}"
@@ -90,3 +100,27 @@ class ReversibleStage(nn.Module):
     def forward(self, x: Tensor, **kwargs: Any) -> Tensor:
         x1, x2 = self.split(x)
         return self.merge(*self.stack(x1, x2, **kwargs))
+
+    def inverse(self, y: Tensor, **kwargs: Any) -> Tensor:
+        """The input whose output is ``y``: the merge undone, the stack inverted, the split
+        undone. Trains without activations like the forward (see
+        :meth:`ReversibleSequential.inverse`); needs a split and merge that lose nothing
+        (:class:`Split` and :class:`Concat`)."""
+        for part in (self.merge, self.split):
+            if not callable(getattr(part, "inverse", None)):
+                raise TypeError(
+                    f"ReversibleStage.inverse needs an invertible split and merge; "
+                    f"{type(part).__name__} loses information (Duplicate keeps one of two equal "
+                    f"streams, Mean their average). Use Split(dim) and Concat(dim)."
+                )
+        y1, y2 = self.merge.inverse(y)  # type: ignore[operator]
+        return self.split.inverse(*self.stack.inverse(y1, y2, **kwargs))  # type: ignore[operator]
+
+
+def _check_dim(module: nn.Module, x: Tensor, dim: int) -> None:
+    if not -x.dim() <= dim < x.dim():
+        raise ValueError(
+            f"{type(module).__name__}(dim={dim}) got a tensor of shape {tuple(x.shape)}, which "
+            f"has no dimension {dim}; pass a dim in {-x.dim()}..{x.dim() - 1} (1 for the channels "
+            f"of (batch, channels, ...) inputs, -1 for the features of (..., features))."
+        )

@@ -27,5 +27,11 @@ class AdditiveCoupling(AbstractCoupling):
     def revert_(self, y: Tensor, h: Tensor, step: int) -> Tensor:
         return y.sub_(h)
 
+    def update_(self, x: Tensor, h: Tensor, step: int) -> Tensor:
+        return x.add_(h)
+
     def update_vjp(self, x: Tensor, h: Tensor, d_y: Tensor, step: int) -> tuple[Tensor, Tensor]:
         return d_y, d_y
+
+    def revert_vjp(self, y: Tensor, h: Tensor, d_x: Tensor, step: int) -> tuple[Tensor, Tensor]:
+        return d_x, -d_x

@@ -8,6 +8,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from .._core.coupling import AbstractCoupling
+from .._core.purity import PassThrough
 
 
 class MomentumCoupling(AbstractCoupling):
@@ -23,7 +24,7 @@ class MomentumCoupling(AbstractCoupling):
     """
 
     def __init__(self, f: nn.Module, gamma: float = 0.9) -> None:
-        super().__init__(f, nn.Identity())
+        super().__init__(f, PassThrough())
         if not 0 < gamma < 1:
             raise ValueError(
                 f"MomentumCoupling(gamma={gamma}) must lie strictly between 0 and 1: gamma=0 "
@@ -46,10 +47,21 @@ class MomentumCoupling(AbstractCoupling):
             return y.sub_(h, alpha=1 - self.gamma).div_(self.gamma)
         return y.sub_(h)
 
+    def update_(self, x: Tensor, h: Tensor, step: int) -> Tensor:
+        if step == 0:
+            return x.mul_(self.gamma).add_(h, alpha=1 - self.gamma)
+        return x.add_(h)
+
     def update_vjp(self, x: Tensor, h: Tensor, d_y: Tensor, step: int) -> tuple[Tensor, Tensor]:
         if step == 0:
             return self.gamma * d_y, (1 - self.gamma) * d_y
         return d_y, d_y
+
+    def revert_vjp(self, y: Tensor, h: Tensor, d_x: Tensor, step: int) -> tuple[Tensor, Tensor]:
+        if step == 0:
+            d_y = d_x / self.gamma
+            return d_y, -d_y * (1 - self.gamma)
+        return d_x, -d_x
 
     def extra_repr(self) -> str:
         return f"gamma={self.gamma}"

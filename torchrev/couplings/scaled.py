@@ -46,8 +46,15 @@ class ScaledCoupling(AbstractCoupling):
     def revert_(self, y: Tensor, h: Tensor, step: int) -> Tensor:
         return y.sub_(h).div_(self._scale(step))
 
+    def update_(self, x: Tensor, h: Tensor, step: int) -> Tensor:
+        return x.mul_(self._scale(step)).add_(h)
+
     def update_vjp(self, x: Tensor, h: Tensor, d_y: Tensor, step: int) -> tuple[Tensor, Tensor]:
         return self._scale(step) * d_y, d_y
+
+    def revert_vjp(self, y: Tensor, h: Tensor, d_x: Tensor, step: int) -> tuple[Tensor, Tensor]:
+        d_y = d_x / self._scale(step)
+        return d_y, -d_y
 
     def extra_repr(self) -> str:
         return f"lam={self.lam}, beta={self.beta}"
