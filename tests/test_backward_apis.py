@@ -280,3 +280,34 @@ def test_out_of_range_dims_are_explained(module):
         module(torch.randn(2, 4)) if isinstance(module, torchrev.Split) else module(
             torch.randn(2, 4), torch.randn(2, 4)
         )
+
+
+class Rotary(nn.Module):
+    """Reads tensors nested in keyword arguments, as Llama's layers read
+    ``position_embeddings=(cos, sin)``; ``masks`` passes one tensor under two keys."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.net = mlp(width)
+
+    def forward(self, x, position_embeddings, masks):
+        cos, sin = position_embeddings
+        return self.net(x * cos + sin) * masks["scale"] + masks["shift"]
+
+
+def test_tensors_nested_in_keyword_arguments_receive_gradients():
+    torch.manual_seed(0)
+    stack = torchrev.ReversibleSequential(
+        *[torchrev.ScaledCoupling(Rotary(6), Rotary(6), lam=0.5) for _ in range(3)]
+    ).to(F64)
+    x1, x2 = streams(4, 6)
+    cos, sin = torch.randn(2, 6, dtype=F64, requires_grad=True)
+    mask = torch.rand(4, 6, dtype=F64)
+    kwargs = {"position_embeddings": (cos, sin), "masks": {"scale": mask, "shift": mask}}
+    results = []
+    for reversible in (False, True):
+        stack.reversible = reversible
+        y1, y2 = stack(x1, x2, **kwargs)
+        wanted = [x1, x2, cos, sin, *stack.parameters()]
+        results.append(torch.autograd.grad((y1 * y2).sum(), wanted))
+    assert all(torch.equal(a, b) for a, b in zip(*results))

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_leaves
 
 from .exact import resolve
 from .function import Trace, reversible_forward
@@ -98,7 +99,7 @@ def check_reversibility(
         blocks[0].check_streams(streams, "check_reversibility")
     exact = resolve(stack.exact, blocks, streams)
     inputs = [s.detach().requires_grad_() for s in streams]
-    extras = [v for v in kwargs.values() if isinstance(v, Tensor) and v.requires_grad]
+    extras = [v for v in tree_leaves(kwargs) if isinstance(v, Tensor) and v.requires_grad]
     params = [p for p in stack.parameters() if p.requires_grad]
     start = RngState.capture(inputs[0].device)
     buffers = tuple(  # each run works on copies: the stack's own are left as they were

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 from torch.overrides import has_torch_function
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 try:  # torch's own inner call of autograd.grad; see NOTE [engine call]
     from torch.autograd.graph import _engine_run_backward
@@ -83,13 +84,29 @@ class _Call:
         self.autocast = AutocastState.capture(device)
         self.modes = FunctionModes.capture()
         self.rng = RngState.capture(device)  # the state the next branch starts from
-        self.tensor_names = tuple(k for k, v in kwargs.items() if isinstance(v, Tensor))
-        self.static_kwargs = {k: v for k, v in kwargs.items() if not isinstance(v, Tensor)}
+        # Tensors anywhere in the kwargs (Llama's position_embeddings=(cos, sin), a dict of
+        # masks) become node inputs, so those that require grad receive gradients.
+        leaves, self.kwargs_spec = tree_flatten(kwargs)
+        unique: dict[int, int] = {}  # a tensor passed twice is one input
+        self.slots = {
+            slot: unique.setdefault(id(v), len(unique))
+            for slot, v in enumerate(leaves)
+            if isinstance(v, Tensor)
+        }
+        self.tensors: list[Tensor] = list(
+            {id(v): v for v in leaves if isinstance(v, Tensor)}.values()
+        )
+        self.leaves = leaves
+        self.static_kwargs = kwargs if not self.slots else None
 
     def kwargs(self, tensors: Sequence[Tensor]) -> dict[str, Any]:
-        if not self.tensor_names:
+        """The call's keyword arguments with ``tensors`` in place of its tensors."""
+        if self.static_kwargs is not None:
             return self.static_kwargs  # branches receive it unpacked, as a fresh dict
-        return {**self.static_kwargs, **dict(zip(self.tensor_names, tensors))}
+        leaves = list(self.leaves)
+        for slot, index in self.slots.items():
+            leaves[slot] = tensors[index]
+        return tree_unflatten(leaves, self.kwargs_spec)
 
 
 class _Step:
@@ -446,7 +463,7 @@ def reversible_forward(
     call = _Call(len(streams), streams[0].device, kwargs, trace, exact)
     if verify is not None:
         call.verify = (verify, tuple(s.detach() for s in streams))
-    tensors = [kwargs[name] for name in call.tensor_names]
+    tensors = call.tensors
     values = list(streams)
     previous: Tensor | None = None
     unread = [True] * len(streams)  # whether stream j still holds its input, unread

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import checkpoint
 
 from .block import AbstractReversibleBlock, check_steps
@@ -128,7 +129,7 @@ class ReversibleSequential(nn.ModuleList):
     def _needs_grad(self, streams: tuple[Tensor, ...], kwargs: dict[str, Any]) -> bool:
         if not torch.is_grad_enabled():
             return False
-        tensors = [*streams, *(v for v in kwargs.values() if isinstance(v, Tensor))]
+        tensors = [*streams, *(v for v in tree_leaves(kwargs) if isinstance(v, Tensor))]
         return any(t.requires_grad for t in tensors) or any(
             p.requires_grad for p in self.parameters()
         )
