@@ -1,14 +1,18 @@
-"""ODE/SDE benchmark: gradient error, peak memory and time of a neural ODE/SDE training step.
+"""ODE/SDE/CDE benchmark: gradient error, peak memory and time of a neural ODE/SDE/CDE step.
 
 A neural ODE (MLP vector field) over a batch of states, solved with fixed steps by torchrev's
 reversible Heun (its reversible adjoint, and backpropagation through the same steps),
 torchdiffeq's ``odeint`` and ``odeint_adjoint`` (rk4 fixed step, dopri5 adaptive) and, with a
 diagonal diffusion added, torchsde's ``sdeint`` and ``sdeint_adjoint`` with reversible Heun.
-Each adjoint's gradient error is measured against backpropagation through the same solver in
-the same run; memory is the peak of live tensor bytes beyond parameters and gradients; time
-is the median of interleaved repeats, and its ratio to backpropagation the median of the
-ratios within each round. Peers are skipped when not installed
-(``pip install --no-deps torchdiffeq==0.2.5 torchsde==0.2.6 trampoline==0.1.2``).
+A neural CDE (MLP returning a (hidden, input) matrix) driven by the natural cubic spline of
+irregularly sampled data (30% of the observations missing), solved by torchrev's ``cdeint`` and
+by torchcde's ``cdeint`` with reversible Heun (torchsde backend) and its reversible-Heun adjoint,
+on the same spline coefficients and the same steps. Each adjoint's gradient error is measured
+against backpropagation through the same solver in the same run; memory is the peak of live
+tensor bytes beyond parameters and gradients; time is the median of interleaved repeats, and
+its ratio to backpropagation the median of the ratios within each round. Peers are skipped
+when not installed (``pip install --no-deps torchdiffeq==0.2.5 torchsde==0.2.6
+trampoline==0.1.2 torchcde==0.2.5``).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import statistics
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,7 +34,7 @@ from torchrev.bench import (
     training_step_peak,
     write_results,
 )
-from torchrev.ode import ReversibleHeun, odeint, sdeint
+from torchrev.ode import CubicSpline, ReversibleHeun, cdeint, natural_cubic_coeffs, odeint, sdeint
 
 RESULTS = Path(__file__).parent / "results"
 MiB = 2**20
@@ -53,8 +58,22 @@ class Diffusion(nn.Module):
         return self.scale * torch.tanh(y)
 
 
+class CDEFunc(nn.Module):
+    """f(z): a (hidden, input) matrix, tanh-bounded as in torchcde's examples."""
+
+    def __init__(self, inputs: int, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.inputs, self.dim = inputs, dim
+        self.net = nn.Sequential(
+            nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, dim * inputs), nn.Tanh()
+        )
+
+    def forward(self, t: Tensor, z: Tensor) -> Tensor:
+        return self.net(z).view(*z.shape, self.inputs)
+
+
 def methods(f: Drift, g: Diffusion, y0: Tensor, t: Tensor, dt: float) -> dict[str, Callable]:
-    """name -> (solve: () -> ys, reference name for its gradient error)."""
+    """name -> solve: () -> ys; an adjoint's reference is the backprop of the same name."""
     out: dict[str, Callable] = {
         "torchrev reversible Heun, backprop": lambda: odeint(
             f, y0, t, dt=dt, method=ReversibleHeun(adjoint=False)
@@ -80,54 +99,94 @@ def methods(f: Drift, g: Diffusion, y0: Tensor, t: Tensor, dt: float) -> dict[st
             ),
         }
     if importlib.util.find_spec("torchsde"):
-        import torchsde
-
-        class SDE(nn.Module):
-            noise_type, sde_type = "diagonal", "stratonovich"
-
-            def __init__(self) -> None:
-                super().__init__()
-                self.drift, self.diffusion = f, g
-
-            def f(self, t: Tensor, y: Tensor) -> Tensor:
-                return self.drift(t, y)
-
-            def g(self, t: Tensor, y: Tensor) -> Tensor:
-                return self.diffusion(t, y)
-
-        sde = SDE()
-
-        def bm() -> object:
-            return torchsde.BrownianInterval(
-                t0=float(t[0]),
-                t1=float(t[-1]),
-                size=y0.shape,
-                dtype=y0.dtype,
-                entropy=0,
-                levy_area_approximation="space-time",
-            )
-
-        out |= {
-            "torchsde reversible Heun, backprop": lambda: torchsde.sdeint(
-                sde, y0, t, method="reversible_heun", dt=dt, bm=bm()
-            ),
-            "torchsde reversible Heun, adjoint": lambda: torchsde.sdeint_adjoint(
-                sde,
-                y0,
-                t,
-                method="reversible_heun",
-                adjoint_method="adjoint_reversible_heun",
-                dt=dt,
-                bm=bm(),
-            ),
-        }
+        out |= torchsde_methods(f, g, y0, t, dt)
     return out
 
 
-def gradient(solve: Callable, params: list[Tensor], y0: Tensor) -> list[Tensor]:
+def torchsde_methods(f: Drift, g: Diffusion, y0: Tensor, t: Tensor, dt: float) -> dict:
+    """torchsde's reversible Heun and its adjoint on the same SDE, diagonal noise."""
+    import torchsde
+
+    class SDE(nn.Module):
+        noise_type, sde_type = "diagonal", "stratonovich"
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.drift, self.diffusion = f, g
+
+        def f(self, t: Tensor, y: Tensor) -> Tensor:
+            return self.drift(t, y)
+
+        def g(self, t: Tensor, y: Tensor) -> Tensor:
+            return self.diffusion(t, y)
+
+    sde = SDE()
+
+    def bm() -> object:
+        return torchsde.BrownianInterval(
+            t0=float(t[0]),
+            t1=float(t[-1]),
+            size=y0.shape,
+            dtype=y0.dtype,
+            entropy=0,
+            levy_area_approximation="space-time",
+        )
+
+    return {
+        "torchsde reversible Heun, backprop": lambda: torchsde.sdeint(
+            sde, y0, t, method="reversible_heun", dt=dt, bm=bm()
+        ),
+        "torchsde reversible Heun, adjoint": lambda: torchsde.sdeint_adjoint(
+            sde,
+            y0,
+            t,
+            method="reversible_heun",
+            adjoint_method="adjoint_reversible_heun",
+            dt=dt,
+            bm=bm(),
+        ),
+    }
+
+
+def cde_methods(args: argparse.Namespace) -> tuple[dict[str, Callable], list[Tensor]]:
+    """The CDE's solves and the tensors they differentiate: z0 and the field's parameters."""
+    gen = torch.Generator().manual_seed(1)
+    horizon = args.steps * args.dt
+    times = torch.linspace(0, horizon, args.observations, dtype=torch.float64)
+    walk = torch.randn(args.batch, args.observations, args.channels - 1, generator=gen).cumsum(1)
+    walk = walk.double() / args.observations**0.5
+    walk[torch.rand(walk.shape, generator=gen) < 0.3] = float("nan")
+    x = torch.cat((times.expand(args.batch, -1).unsqueeze(-1) / horizon, walk), dim=-1)
+    coeffs = natural_cubic_coeffs(x, times)
+    func = CDEFunc(args.channels, args.dim, args.hidden).double()
+    z0 = torch.randn(args.batch, args.dim, dtype=torch.float64, generator=gen, requires_grad=True)
+    path, t, dt = CubicSpline(coeffs, times), times[[0, -1]], args.dt
+    out: dict[str, Callable] = {
+        "torchrev CDE reversible Heun, backprop": lambda: cdeint(
+            path, func, z0, t, adjoint=False, dt=dt
+        ),
+        "torchrev CDE reversible Heun, adjoint": lambda: cdeint(path, func, z0, t, dt=dt),
+    }
+    if importlib.util.find_spec("torchcde"):
+        import torchcde
+
+        theirs = torchcde.CubicSpline(coeffs, times)  # the same coefficients
+        options = {"backend": "torchsde", "method": "reversible_heun", "dt": dt}
+        out |= {
+            "torchcde reversible Heun, backprop": lambda: torchcde.cdeint(
+                theirs, func, z0, t, adjoint=False, **options
+            ),
+            "torchcde reversible Heun, adjoint": lambda: torchcde.cdeint(
+                theirs, func, z0, t, adjoint_method="adjoint_reversible_heun", **options
+            ),
+        }
+    return out, [z0, *func.parameters()]
+
+
+def gradient(solve: Callable, wrt: list[Tensor]) -> list[Tensor]:
     ys = solve()
     weights = torch.randn(ys.shape, generator=torch.Generator().manual_seed(1), dtype=ys.dtype)
-    return list(torch.autograd.grad((ys * weights).sum(), [y0, *params], allow_unused=True))
+    return list(torch.autograd.grad((ys * weights).sum(), wrt, allow_unused=True))
 
 
 def relative_error(got: list[Tensor], want: list[Tensor]) -> float:
@@ -145,25 +204,31 @@ def run(args: argparse.Namespace) -> list[dict]:
     g = Diffusion(args.dim).double()
     y0 = torch.randn(args.batch, args.dim, dtype=torch.float64, requires_grad=True)
     t = torch.linspace(0, args.steps * args.dt, 2, dtype=torch.float64)
-    params = [*f.parameters(), *g.parameters()]
-    solves = methods(f, g, y0, t, args.dt)
-    grads = {name: gradient(solve, params, y0) for name, solve in solves.items()}
+    wrt = [y0, *f.parameters(), *g.parameters()]
+    cases = {name: (solve, wrt) for name, solve in methods(f, g, y0, t, args.dt).items()}
+    cde, cde_wrt = cde_methods(args)
+    cases |= {name: (solve, cde_wrt) for name, solve in cde.items()}
+    grads = {name: gradient(solve, inputs) for name, (solve, inputs) in cases.items()}
 
     def step(solve: Callable) -> Callable[[], None]:
         return lambda: solve().square().sum().backward()
 
-    times = interleaved_times({n: step(s) for n, s in solves.items()}, repeats=args.repeats)
+    times = interleaved_times({n: step(s) for n, (s, _) in cases.items()}, repeats=args.repeats)
     rows = []
-    for name, solve in solves.items():
+    for name, (solve, inputs) in cases.items():
         reference = name.replace("adjoint", "backprop")
         row = {
             "method": name,
             "seconds": statistics.median(times[name]),
-            "peak_mib": training_step_peak(step(solve), [y0, *params]) / MiB,
+            "peak_mib": training_step_peak(step(solve), inputs) / MiB,
         }
         if reference != name and reference in grads:
             row["grad_error"] = relative_error(grads[name], grads[reference])
             row["time_vs_backprop"] = median_ratio(times[name], times[reference])
+        if name.startswith("torchcde"):  # the same steps as torchrev's: the same gradients
+            row["grad_error_vs_torchrev_backprop"] = relative_error(
+                grads[name], grads["torchrev CDE reversible Heun, backprop"]
+            )
         rows.append(row)
         print(
             f"{name:<40} {row['peak_mib']:9.2f} MiB {row['seconds']:7.3f} s "
@@ -194,16 +259,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--dim", type=int, default=32)
     parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--channels", type=int, default=4, help="CDE input channels (with time)")
+    parser.add_argument("--observations", type=int, default=51, help="CDE data length")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--tag", default="ode-cpu")
     args = parser.parse_args(argv)
     retain_freed_memory()
-    rows = run(args)
+    with warnings.catch_warnings():  # torchsde's, on dt and ts: the same for every call
+        warnings.simplefilter("ignore", UserWarning)
+        rows = run(args)
     setup = (
         f"torch {torch.__version__}, CPU, {torch.get_num_threads()} threads, float64; "
         f"{args.steps} steps of {args.dt}, batch {args.batch}, state {args.dim}, MLP hidden "
-        f"{args.hidden}; {args.repeats} interleaved rounds, medians (ratios taken per round)"
+        f"{args.hidden}; CDE: {args.channels} input channels, {args.observations} observations "
+        f"(30% missing), natural cubic spline; {args.repeats} interleaved rounds, medians "
+        f"(ratios taken per round)"
     )
     write_results(args.out, args.tag, setup, rows, table(rows))
 

@@ -11,8 +11,8 @@ from tests.helpers import assert_close_tensors
 from torchrev import ReversibilityError
 from torchrev.bench import training_step_peak
 from torchrev.ode import ReversibleHeun, odeint, sdeint
-from torchrev.ode._base import Grid
-from torchrev.ode.reversible_heun import Problem, forward_step, initial_state, reverse_step
+from torchrev.ode._heun import Problem, forward_step, initial_state, reverse_step
+from torchrev.ode.grid import Grid
 
 F64 = torch.float64
 
@@ -86,9 +86,9 @@ def test_sde_strong_order(noise, low, high):
 
 def test_algebraic_reverse_recovers_the_start_over_10000_steps():
     grid = Grid.build(torch.tensor([0.0, 10.0]), dt=1e-3)
-    problem = Problem(Oscillator(), None, grid, None)
+    problem = Problem(Oscillator(), None, grid)
     y0 = torch.tensor([[1.0, 0.0], [0.3, -0.7]], dtype=F64)
-    state = initial_state(problem, y0)
+    problem, state = initial_state(problem, y0)
     with torch.no_grad():
         for n in range(len(grid.steps)):
             state = forward_step(problem, state, n)
@@ -124,20 +124,50 @@ def gradients(solve, y0, params):
     return list(torch.autograd.grad((ys * weights).sum(), [y0, *params]))
 
 
-@pytest.mark.parametrize("sde", [False, True])
-def test_adjoint_equals_backprop_through_the_same_steps(sde):
-    torch.manual_seed(0)
-    f, g = Field().to(F64), Diffusion().to(F64)
+class GeneralDiffusion(nn.Module):
+    """g of shape (*state, m): an m-dimensional Brownian motion (torchsde's general noise)."""
+
+    def __init__(self, width=3, m=2):
+        super().__init__()
+        self.mix = nn.Parameter(torch.randn(width, m) * 0.3)
+
+    def forward(self, t, y):
+        return torch.sin(y).unsqueeze(-1) * self.mix
+
+
+@pytest.mark.parametrize("times", [[0.0, 0.3, 0.7, 1.0], [1.0, 0.55, 0.2]])
+def test_adjoint_equals_backprop_including_time_gradients(times):
+    """dL/dt too, forwards and backwards in time (float64, 1e-8)."""
+    f = Field().to(F64)
+    y0 = torch.randn(5, 3, dtype=F64, requires_grad=True)
+    t = torch.tensor(times, dtype=F64, requires_grad=True)
+    results = [
+        gradients(lambda m=m: odeint(f, y0, t, dt=0.01, method=m), y0, [t, *f.parameters()])
+        for m in (ReversibleHeun(adjoint=False), "reversible_heun")
+    ]
+    assert_close_tensors(results[1], results[0], 1e-8)
+    assert results[1][1].abs().min() > 1e-3  # every time gets a gradient
+
+
+@pytest.mark.parametrize(
+    ("noise", "diffusion"),
+    [
+        ("diagonal", Diffusion),
+        ("general", GeneralDiffusion),
+        ("scalar", lambda: GeneralDiffusion(m=1)),
+    ],
+)
+def test_sde_adjoint_equals_backprop(noise, diffusion):
+    f, g = Field().to(F64), diffusion().to(F64)
     y0 = torch.randn(5, 3, dtype=F64, requires_grad=True)
     t = torch.tensor([0.0, 0.3, 0.7, 1.0], dtype=F64)
-    params = [*f.parameters(), *(g.parameters() if sde else [])]
-    results = []
-    for method in (ReversibleHeun(adjoint=False), "reversible_heun"):
-        if sde:
-            run = lambda m=method: sdeint(f, g, y0, t, dt=0.01, seed=7, method=m)  # noqa: E731
-        else:
-            run = lambda m=method: odeint(f, y0, t, dt=0.01, method=m)  # noqa: E731
-        results.append(gradients(run, y0, params))
+    params = [*f.parameters(), *g.parameters()]
+    results = [
+        gradients(
+            lambda m=m: sdeint(f, g, y0, t, dt=0.01, seed=7, noise=noise, method=m), y0, params
+        )
+        for m in (ReversibleHeun(adjoint=False), "reversible_heun")
+    ]
     assert_close_tensors(results[1], results[0], 1e-8)
 
 
@@ -188,33 +218,38 @@ def test_adjoint_replays_the_forward_autocast():
     assert len(f.autocast) == 2 * forward_calls and all(f.autocast)
 
 
-def test_one_field_evaluation_per_step():
+@pytest.mark.parametrize("time_grad", [False, True])
+def test_one_field_evaluation_per_step(time_grad):
     f = Field().to(F64)
     y0 = torch.randn(2, 3, dtype=F64, requires_grad=True)
-    ys = odeint(f, y0, torch.tensor([0.0, 1.0], dtype=F64), dt=0.01)
+    ys = odeint(f, y0, torch.tensor([0.0, 1.0], dtype=F64, requires_grad=time_grad), dt=0.01)
     assert f.calls == 100 + 1  # one per step, plus f(t0, y0)
     ys.sum().backward()
     assert f.calls == 2 * (100 + 1)  # backward: one per step, plus the final state's
 
 
-def test_adjoint_memory_does_not_grow_with_steps():
-    f = Field(16)
+def memory_peak(solve, steps, params):
+    return training_step_peak(lambda: solve(1 / steps).square().sum().backward(), params)
+
+
+@pytest.mark.parametrize("case", ["module", "closure, t grad", "general noise"])
+def test_adjoint_memory_does_not_grow_with_steps(case):
+    f, g = Field(16), GeneralDiffusion(16, m=4)
     y0 = torch.randn(64, 16)
+    t = torch.tensor([0.0, 1.0], requires_grad=case == "closure, t grad")
+    field = (lambda t, y: f.net(y)) if case == "closure, t grad" else f  # no adjoint_params
 
-    def peak(steps, method):
-        return training_step_peak(
-            lambda: (
-                odeint(f, y0, torch.tensor([0.0, 1.0]), dt=1 / steps, method=method)
-                .square()
-                .sum()
-                .backward()
-            ),
-            f.parameters(),
-        )
+    def solve(dt, method="reversible_heun"):
+        if case == "general noise":
+            return sdeint(f, g, y0, t, dt=dt, noise="general", method=method)
+        return odeint(field, y0, t, dt=dt, method=method)
 
-    assert peak(50, "reversible_heun") == peak(200, "reversible_heun")
+    params = [*f.parameters(), *g.parameters()]
+    assert memory_peak(solve, 50, params) == memory_peak(solve, 200, params)
     direct = ReversibleHeun(adjoint=False)
-    assert peak(200, direct) > 3 * peak(50, direct)
+    assert memory_peak(lambda dt: solve(dt, direct), 200, params) > 3 * memory_peak(
+        lambda dt: solve(dt, direct), 50, params
+    )
 
 
 def test_closure_fields_with_adjoint_params():
@@ -231,18 +266,36 @@ def test_closure_fields_with_adjoint_params():
     torch.testing.assert_close(g, want, rtol=1e-10, atol=0)
 
 
-def test_unlisted_closure_tensors_are_refused():
-    """Without adjoint_params the adjoint cannot see ``w``: an error, not a missing gradient."""
+def test_closure_tensors_are_found_without_adjoint_params():
+    """A field closing over a trainable tensor or a module: found, and exact gradients."""
     w = torch.tensor(0.7, dtype=F64, requires_grad=True)
+    net = nn.Linear(3, 3).to(F64)
     y0 = torch.ones(3, dtype=F64, requires_grad=True)
     t = torch.tensor([0.0, 1.0], dtype=F64)
-    ys = odeint(lambda t, y: -w * y, y0, t, dt=0.1)
+    field = lambda t, y: net(y) * w  # noqa: E731
+    got, want = (
+        gradients(lambda m=m: odeint(field, y0, t, dt=0.1, method=m), y0, [w, *net.parameters()])
+        for m in ("reversible_heun", ReversibleHeun(adjoint=False))
+    )
+    assert_close_tensors(got, want, 1e-10)
+
+
+class Holder:
+    w = torch.tensor(0.7, dtype=F64, requires_grad=True)  # a class attribute: not walked
+
+
+def test_unfound_trainable_tensors_raise_at_the_call():
+    """What the walk misses or adjoint_params leaves out: an error naming the fix, at once."""
+    y0 = torch.ones(3, dtype=F64, requires_grad=True)
+    t = torch.tensor([0.0, 1.0], dtype=F64)
     with pytest.raises(ReversibilityError, match="adjoint_params"):
-        ys[-1].sum().backward()
-    net = nn.Linear(3, 3).to(F64)
-    ys = odeint(lambda t, y: net(y) * w, y0, t, dt=0.1, adjoint_params=[w])
+        odeint(lambda t, y: -Holder.w * y, y0, t, dt=0.1)
+    net, w = nn.Linear(3, 3).to(F64), torch.tensor(0.7, dtype=F64, requires_grad=True)
     with pytest.raises(ReversibilityError, match=r"2 tensor\(s\)"):  # net's weight and bias
-        ys[-1].sum().backward()
+        odeint(lambda t, y: net(y) * w, y0, t, dt=0.1, adjoint_params=[w])
+    w2 = 2 * w  # computed outside the field: its graph cannot serve every step
+    with pytest.raises(ReversibilityError, match="computed from trainable ones"):
+        odeint(lambda t, y: -w2 * y, y0, t, dt=0.1)
 
 
 def test_parameter_hooks_run_once_on_the_total():
@@ -270,16 +323,15 @@ def test_hooked_closure_tensors_are_refused():
     w = torch.tensor(0.7, dtype=F64, requires_grad=True)
     w.register_hook(lambda grad: grad)
     y0 = torch.ones(3, dtype=F64, requires_grad=True)
-    ys = odeint(lambda t, y: -w * y, y0, torch.tensor([0.0, 1.0]), dt=0.1, adjoint_params=[w])
     with pytest.raises(ReversibilityError, match="register_post_accumulate_grad_hook"):
-        ys[-1].sum().backward()
+        odeint(lambda t, y: -w * y, y0, torch.tensor([0.0, 1.0]), dt=0.1, adjoint_params=[w])
 
 
 @pytest.mark.parametrize(
     ("t", "dt", "message"),
     [
-        ([0.0, 1.0, 0.5], 0.1, "strictly increasing"),
-        ([0.0], 0.1, "at least two"),
+        ([0.0, 1.0, 0.5], 0.1, "strictly increasing, or strictly decreasing"),
+        ([0.0, 0.0], 0.1, "strictly increasing"),
         ([[0.0, 1.0]], 0.1, "1-D"),
         ([0.0, 1.0], -0.1, "positive step"),
         ([0.0, float("nan")], 0.1, "finite"),
@@ -311,7 +363,7 @@ def test_unknown_methods_and_noise():
     with pytest.raises(ValueError, match="reversible Heun only"):
         sdeint(lambda t, y: -y, lambda t, y: y, y0, t, dt=0.1, method="euler")
     with pytest.raises(ValueError, match="noise must be"):
-        sdeint(lambda t, y: -y, lambda t, y: y, y0, t, dt=0.1, noise="general")
+        sdeint(lambda t, y: -y, lambda t, y: y, y0, t, dt=0.1, noise="multiplicative")
 
 
 def test_second_backward_through_an_adjoint_solve():

@@ -1,83 +1,74 @@
-"""What every fixed-step solver shares: the time grid, the vector-field call and its checks."""
+"""What every fixed-step solver shares: the vector-field call and its checks, the base class."""
 
 from __future__ import annotations
 
-import itertools
-import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
+from .grid import Grid
+
 VectorField = Callable[[Tensor, Tensor], Tensor]
+#: A step time or size: a float, or a tensor that carries gradients to ``t``.
+Time = float | Tensor
 
 
-@dataclass(frozen=True)
-class Grid:
-    """Solver steps ``(t_n, dt_n)`` and, for each requested time, the step count reaching it.
-
-    Each interval between requested times is cut into equal steps no longer than ``dt``, so
-    every requested time is a step boundary and needs no interpolation.
-    """
-
-    times: tuple[float, ...]
-    steps: tuple[float, ...]
-    outputs: tuple[int, ...]
-
-    @classmethod
-    def build(cls, t: Tensor, dt: float | None) -> Grid:
-        if t.ndim != 1 or len(t) < 2:
-            raise ValueError(
-                f"t must be a 1-D tensor of at least two increasing times (the first is y0's); "
-                f"got shape {tuple(t.shape)}."
-            )
-        ts = [float(v) for v in t.detach().cpu()]
-        if any(not math.isfinite(v) for v in ts) or any(b <= a for a, b in itertools.pairwise(ts)):
-            raise ValueError(f"t must be finite and strictly increasing, got {ts[:8]}...")
-        if dt is not None and not (math.isfinite(dt) and dt > 0):
-            raise ValueError(f"dt must be a positive step size, got {dt}.")
-        times, steps, outputs = [ts[0]], [], [0]
-        for a, b in itertools.pairwise(ts):
-            n = 1 if dt is None else max(1, math.ceil((b - a) / dt - 1e-9))
-            h = (b - a) / n
-            for i in range(n):
-                steps.append(h)
-                times.append(b if i == n - 1 else a + (i + 1) * h)
-            outputs.append(len(steps))
-        return cls(tuple(times), tuple(steps), tuple(outputs))
+def describe(value: object, dtype: bool = False) -> str:
+    """What an error says a call returned or was given: a tensor's shape (and dtype), or the
+    type of anything else."""
+    if not isinstance(value, Tensor):
+        return type(value).__name__
+    return f"{tuple(value.shape)}, dtype {value.dtype}" if dtype else str(tuple(value.shape))
 
 
-def evaluate(field: VectorField, t: float, y: Tensor, step: int, name: str = "f") -> Tensor:
-    """``field(t, y)`` with its output checked: a tensor shaped like the state."""
-    out = field(torch.as_tensor(t, dtype=y.dtype, device=y.device), y)
-    if not isinstance(out, Tensor) or out.shape != y.shape:
-        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+def as_time(t: Time, y: Tensor) -> Tensor:
+    """A time as the 0-dim tensor a field receives: the state's dtype and device."""
+    if isinstance(t, Tensor):
+        return t.to(dtype=y.dtype, device=y.device)
+    return torch.as_tensor(t, dtype=y.dtype, device=y.device)
+
+
+def evaluate(
+    field: VectorField,
+    t: Time,
+    y: Tensor,
+    step: int,
+    name: str = "f",
+    shape: Sequence[int] | None = None,
+) -> Tensor:
+    """``field(t, y)`` with its output checked: a tensor shaped like the state, or ``shape``."""
+    out = field(as_time(t, y), y)
+    want = y.shape if shape is None else torch.Size(shape)
+    if not isinstance(out, Tensor) or out.shape != want:
+        whose = " (the state's)" if shape is None else ""
         raise ValueError(
-            f"the vector field {name} must return a tensor shaped like the state "
-            f"{tuple(y.shape)}; at step {step} it returned {got}. States may not change shape."
+            f"the vector field {name} must return a tensor of shape {tuple(want)}{whose}; at "
+            f"step {step} it returned {describe(out)}. States may not change shape."
         )
     return out
 
 
 class FiniteWatch:
-    """Remembers the first step whose vector-field output was not finite, without a sync
-    per step (one check at the end), and raises an error naming it."""
+    """Remembers the first step whose outputs were not finite, without a sync per step (one
+    check at the end), and raises an error naming it. Steps are seen in order, from 0; each
+    costs four operations: whether all steps so far were finite, and how many."""
 
     def __init__(self, like: Tensor) -> None:
-        self.first = torch.full((), -1, dtype=torch.long, device=like.device)
+        self.finite = torch.ones((), dtype=torch.bool, device=like.device)
+        self.count = torch.zeros((), dtype=torch.long, device=like.device)
 
-    def see(self, value: Tensor, step: int) -> None:
-        bad = ~torch.isfinite(value).all()
-        self.first = torch.where(bad & (self.first < 0), step, self.first)
+    def see(self, *values: Tensor) -> None:
+        for value in values:
+            self.finite.logical_and_(torch.isfinite(value).all())
+        self.count.add_(self.finite)
 
     def check(self, name: str = "vector field") -> None:
-        step = int(self.first)
-        if step >= 0:
+        if not bool(self.finite):
             raise FloatingPointError(
-                f"the {name} returned non-finite values at step {step}; reduce dt, or check "
-                f"the field's inputs and parameters (the solution diverged there)."
+                f"the {name} returned non-finite values at step {int(self.count)}; reduce dt, "
+                f"or check the field's inputs and parameters (the solution diverged there)."
             )
 
 
@@ -88,17 +79,19 @@ class AbstractSolver(ABC):
     evaluations: int
 
     @abstractmethod
-    def step(self, f: VectorField, t: float, dt: float, y: Tensor, n: int) -> Tensor:
+    def step(self, f: VectorField, t: Time, dt: Time, y: Tensor, n: int) -> Tensor:
         """``y`` advanced from ``t`` to ``t + dt``."""
 
     def solve(self, f: VectorField, y0: Tensor, grid: Grid) -> Tensor:
-        """The solution at the grid's output times, shape ``(len(outputs), *y0.shape)``."""
+        """The solution at the grid's output times, shape ``(len(outputs), *y0.shape)``; its
+        gradients reach ``t`` when the grid carries them (:meth:`Grid.differentiable`)."""
+        grid = grid.differentiable()
         y, ys = y0, [y0]
         watch = FiniteWatch(y0)
         outputs = set(grid.outputs)
-        for n, dt in enumerate(grid.steps):
-            y = self.step(f, grid.times[n], dt, y, n)
-            watch.see(y, n)
+        for n in range(len(grid.steps)):
+            y = self.step(f, grid.time(n), grid.step(n), y, n)
+            watch.see(y)
             if n + 1 in outputs:
                 ys.append(y)
         watch.check()

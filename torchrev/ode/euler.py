@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ._base import AbstractSolver, VectorField, evaluate
+from ._base import AbstractSolver, Time, VectorField, evaluate
 
 
 class Euler(AbstractSolver):
@@ -12,5 +12,5 @@ class Euler(AbstractSolver):
 
     evaluations = 1
 
-    def step(self, f: VectorField, t: float, dt: float, y: Tensor, n: int) -> Tensor:
+    def step(self, f: VectorField, t: Time, dt: Time, y: Tensor, n: int) -> Tensor:
         return y + dt * evaluate(f, t, y, n)

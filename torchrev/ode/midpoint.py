@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ._base import AbstractSolver, VectorField, evaluate
+from ._base import AbstractSolver, Time, VectorField, evaluate
 
 
 class Midpoint(AbstractSolver):
@@ -13,6 +13,6 @@ class Midpoint(AbstractSolver):
 
     evaluations = 2
 
-    def step(self, f: VectorField, t: float, dt: float, y: Tensor, n: int) -> Tensor:
+    def step(self, f: VectorField, t: Time, dt: Time, y: Tensor, n: int) -> Tensor:
         half = y + 0.5 * dt * evaluate(f, t, y, n)
         return y + dt * evaluate(f, t + 0.5 * dt, half, n)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ._base import AbstractSolver, VectorField, evaluate
+from ._base import AbstractSolver, Time, VectorField, evaluate
 
 
 class RK4(AbstractSolver):
@@ -12,7 +12,7 @@ class RK4(AbstractSolver):
 
     evaluations = 4
 
-    def step(self, f: VectorField, t: float, dt: float, y: Tensor, n: int) -> Tensor:
+    def step(self, f: VectorField, t: Time, dt: Time, y: Tensor, n: int) -> Tensor:
         k1 = evaluate(f, t, y, n)
         k2 = evaluate(f, t + dt / 2, y + dt / 2 * k1, n)
         k3 = evaluate(f, t + dt / 2, y + dt / 2 * k2, n)

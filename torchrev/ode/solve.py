@@ -1,16 +1,23 @@
-"""odeint and sdeint: the public entry points, torchdiffeq's conventions."""
+"""odeint and sdeint: the public entry points, with torchdiffeq's and torchsde's conventions."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
+import torch
 from torch import Tensor
+from torch.utils._pytree import tree_map
 
-from ._base import AbstractSolver, Grid, VectorField
-from .brownian import BrownianIncrements
+from ._base import AbstractSolver, VectorField
+from ._heun import Brownian, Problem
+from ._params import parameters_of
+from ._tree import Flattened, TreeField
 from .euler import Euler
+from .grid import Grid, check_times
 from .midpoint import Midpoint
-from .reversible_heun import Brownian, Problem, ReversibleHeun, parameters_of
+from .noise import Noise
+from .reversible_heun import ReversibleHeun
 from .rk4 import RK4
 
 #: Solvers by name, for ``method="..."``; passing a solver object works as well.
@@ -20,52 +27,127 @@ SOLVERS: dict[str, type[AbstractSolver]] = {
     "midpoint": Midpoint,
     "rk4": RK4,
 }
-NOISE_TYPES = ("diagonal", "additive")
 
 
-def _solver(method: str | AbstractSolver) -> AbstractSolver:
+def solver_for(method: str | AbstractSolver) -> AbstractSolver:
     if isinstance(method, AbstractSolver):
         return method
     if method not in SOLVERS:
         raise ValueError(
             f"unknown method {method!r}; choose one of {', '.join(SOLVERS)} or pass a solver "
-            f"object such as torchrev.ode.ReversibleHeun(adjoint=False)."
+            f"object such as torchrev.ode.ReversibleHeun(adjoint=False). (Adaptive methods such "
+            f"as torchdiffeq's dopri5 are not here: every solver takes fixed steps of dt.)"
         )
     return SOLVERS[method]()
 
 
+def step_size(
+    dt: float | None, options: dict[str, Any] | None, extra: dict[str, Any]
+) -> float | None:
+    """``dt``, or torchdiffeq's ``options={"step_size": ...}``; any other option of the peers
+    raises with what to pass instead."""
+    options = dict(options or {})
+    if "step_size" in options:
+        if dt is not None:
+            raise TypeError(
+                "pass the step either as dt= or as options={'step_size': ...}, not both."
+            )
+        dt = options.pop("step_size")
+    unknown = sorted([*extra, *(f"options[{k!r}]" for k in options)])
+    if unknown:
+        raise TypeError(
+            f"unsupported argument(s) {', '.join(unknown)}: torchrev's solvers take fixed steps, "
+            f"so tolerances (rtol, atol) and adaptive-step options do not apply. Pass dt= (the "
+            f"largest step; each interval of t is cut into equal steps no longer than dt)."
+        )
+    return dt
+
+
+def solve(
+    solver: AbstractSolver,
+    f: VectorField,
+    g: VectorField | None,
+    y0: Any,
+    t: Tensor,
+    dt: float | None,
+    adjoint_params: Sequence[Tensor] | None,
+    noise: Noise | None = None,
+    seed: int = 0,
+    brownian: Brownian | None = None,
+) -> Any:
+    """The shared body of odeint, sdeint and cdeint: checks, pytree states, a single time,
+    the grid, and the parameters for the reversible adjoint (``noise``, ``seed`` and
+    ``brownian``: the SDE's)."""
+    for name, field in (("f", f), ("g", g)):
+        if field is not None and not callable(field):
+            raise TypeError(f"{name} must be a callable {name}(t, y), got {type(field).__name__}.")
+    t = check_times(t)
+    tree = Flattened.of(y0)
+    if len(t) == 1:  # torchdiffeq's convention: the solution at t[0] alone is y0
+        return tree_map(lambda leaf: torch.stack([leaf]), y0)
+    grid = Grid.build(t, dt)
+    params = parameters_of(f, g) if adjoint_params is None else _listed(adjoint_params)
+    if tree is not None:
+        if noise is not None and noise.kind in ("scalar", "general"):
+            raise ValueError(
+                "scalar and general noise need a tensor state (g returns (*state, m)); "
+                "concatenate the state's tensors on the last dimension, or use diagonal noise."
+            )
+        y0 = tree.flatten(y0, "y0")
+        f = TreeField(tree, f, "f")
+        g = None if g is None else TreeField(tree, g, "g")
+    if isinstance(solver, ReversibleHeun):
+        ys = solver.solve_problem(Problem(f, g, grid, noise, brownian, seed), y0, params)
+    else:
+        ys = solver.solve(f, y0, grid)
+    return ys if tree is None else tree.unflatten(ys)
+
+
+def _listed(params: Sequence[Tensor]) -> list[Tensor]:
+    params = list(params)
+    bad = [type(p).__name__ for p in params if not isinstance(p, Tensor)]
+    if bad:
+        raise TypeError(
+            f"adjoint_params must be tensors (parameters of the fields, or tensors they use); "
+            f"got {', '.join(bad)}. Pass list(module.parameters())."
+        )
+    return params
+
+
 def odeint(
     f: VectorField,
-    y0: Tensor,
+    y0: Any,
     t: Tensor,
     *,
     method: str | AbstractSolver = "reversible_heun",
     dt: float | None = None,
     adjoint_params: Sequence[Tensor] | None = None,
-) -> Tensor:
+    options: dict[str, Any] | None = None,
+    **unsupported: Any,
+) -> Any:
     """Solve :math:`dy/dt = f(t, y)` from ``y0`` at ``t[0]``; the solution at every ``t``.
 
-    Returns a tensor of shape ``(len(t), *y0.shape)``. Steps are fixed, at most ``dt`` long
-    (one step per interval of ``t`` if ``dt`` is None), and every time in ``t`` is a step
-    boundary. With the default reversible Heun method the gradients with respect to ``y0`` and
-    the parameters equal backpropagation through the same steps while memory stays constant in
-    the number of steps; the other methods backpropagate through their steps. The parameters
-    are those of ``f`` if it is an ``nn.Module``; otherwise pass them as ``adjoint_params``
-    (a trainable tensor ``f`` reaches that is not listed raises ``ReversibilityError`` in
-    backward rather than getting no gradient).
+    Returns a tensor of shape ``(len(t), *y0.shape)`` (for a tuple, list or dict of tensors,
+    the same structure of such tensors). Steps are fixed, at most ``dt`` long (one step per
+    interval of ``t`` if ``dt`` is None; torchdiffeq's ``options={"step_size": dt}`` works too),
+    and every time in ``t`` is a step boundary; ``t`` may decrease, to integrate backwards in
+    time, and a single time returns ``y0[None]``. With the default reversible Heun method the
+    gradients with respect to ``y0``, ``t`` and the parameters equal backpropagation through
+    the same steps while memory stays constant in the number of steps; the other methods
+    backpropagate through their steps. The parameters are found from ``f``: its own if it is an
+    ``nn.Module``, and those of the modules and tensors requiring grad it closes over or names
+    (:mod:`._params`); ``adjoint_params`` replaces them. A trainable tensor ``f`` uses that is
+    neither found nor listed raises ``ReversibilityError`` at the call rather than getting no
+    gradient.
     """
-    solver = _solver(method)
-    grid = Grid.build(t, dt)
-    if isinstance(solver, ReversibleHeun):
-        params = list(adjoint_params) if adjoint_params is not None else parameters_of(f)
-        return solver.solve_problem(Problem(f, None, grid, None), y0, params)
-    return solver.solve(f, y0, grid)
+    dt = step_size(dt, options, unsupported)
+    return solve(solver_for(method), f, None, y0, t, dt, adjoint_params)
 
 
 def sdeint(
     f: VectorField,
     g: VectorField,
-    y0: Tensor,
+    y0: Any,
     t: Tensor,
     *,
     dt: float,
@@ -74,25 +156,24 @@ def sdeint(
     brownian: Brownian | None = None,
     method: str | AbstractSolver = "reversible_heun",
     adjoint_params: Sequence[Tensor] | None = None,
-) -> Tensor:
+) -> Any:
     """Solve the Stratonovich SDE :math:`dy = f(t, y)\\,dt + g(t, y) \\circ dW` from ``y0``.
 
-    ``g`` returns a tensor shaped like the state, multiplied elementwise by the Brownian
-    increment: diagonal noise, or additive noise when ``g`` does not depend on ``y`` (say so
-    with ``noise="additive"``: the method is then strong order 1 instead of 0.5). Increments
-    come from ``seed`` and are regenerated, not stored, in the backward pass; ``brownian`` may
-    replace them with any ``(t0, t1, n) -> W(t1) - W(t0)``. Only reversible Heun solves SDEs
-    here (``ReversibleHeun(adjoint=False)`` to backpropagate through its steps instead).
+    ``noise`` says what ``g`` returns, as torchsde's ``noise_type`` (:mod:`.noise`):
+    ``"diagonal"`` a tensor shaped like the state, multiplied elementwise by the increment;
+    ``"additive"`` either shape, not depending on ``y`` (the method is then strong order 1
+    instead of 0.5); ``"general"`` a ``(*y.shape, m)`` matrix driven by an ``m``-dimensional
+    Brownian motion, ``"scalar"`` the same with ``m = 1``. Increments come from ``seed`` and are
+    regenerated, not stored, in the backward pass; ``brownian`` may replace them with any
+    ``(t0, t1, n) -> W(t1) - W(t0)``. ``t`` may decrease; gradients with respect to ``t`` are
+    refused (a Brownian path has no time derivative). Only reversible Heun solves SDEs here
+    (``ReversibleHeun(adjoint=False)`` to backpropagate through its steps instead).
     """
-    if noise not in NOISE_TYPES:
-        raise ValueError(f"noise must be one of {NOISE_TYPES}, got {noise!r}.")
-    solver = _solver(method)
+    kind = Noise(noise)  # checks the name
+    solver = solver_for(method)
     if not isinstance(solver, ReversibleHeun):
         raise ValueError(
             f"sdeint solves with reversible Heun only (Stratonovich); got {method!r}. Use "
             f"method='reversible_heun' or ReversibleHeun(adjoint=False)."
         )
-    grid = Grid.build(t, dt)
-    bm = brownian or BrownianIncrements(seed, y0.shape, y0.dtype, y0.device)
-    params = list(adjoint_params) if adjoint_params is not None else parameters_of(f, g)
-    return solver.solve_problem(Problem(f, g, grid, bm), y0, params)
+    return solve(solver, f, g, y0, t, dt, adjoint_params, kind, seed, brownian)
