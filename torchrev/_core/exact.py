@@ -126,7 +126,7 @@ class Correction:
         narrow = diff.clamp_(-half, half).to(_STORE[max(8, width)])  # +-half wrap to -half
         if width < 8:
             narrow = narrow.view(torch.uint8).bitwise_and_((1 << width) - 1)
-        index = _find(narrow, _sentinel(width))
+        index = _find(narrow, _sentinel(width), small=width < 8)
         values = bits.take(index)  # the bits of x itself where its difference does not fit
         small = torch.int32 if diff.numel() < 2**31 else torch.int64
         return cls(_pack(narrow, width), width, diff.numel(), index.to(small), values)
@@ -134,7 +134,7 @@ class Correction:
     def apply_(self, rebuilt: Tensor) -> Tensor:
         """Turn ``rebuilt`` into the ``x`` it was recorded against, in place; return it."""
         bits = rebuilt.view(BITS[rebuilt.dtype])
-        bits.add_(_unpack(self.codes, self.width, self.count).view(bits.shape))
+        bits.add_(_unpack(self.codes, self.width, self.count, bits.dtype).view(bits.shape))
         if self.index is not None and self.values is not None and self.index.numel():
             bits.put_(self.index.long(), self.values)
         return rebuilt
@@ -167,12 +167,14 @@ def _sentinel(width: int) -> int:
     return (1 << (width - 1)) if width < 8 else -(1 << (width - 1))
 
 
-def _find(narrow: Tensor, value: int) -> Tensor:
-    """Positions of ``value`` in a 1-D tensor of 8- or 16-bit codes, in order.
+def _find(narrow: Tensor, value: int, small: bool = False) -> Tensor:
+    """Positions of ``value`` in a 1-D tensor of 8- or 16-bit codes, in order; ``small``: every
+    code is below the lane's top bit (4-bit codes in bytes).
 
     Few entries match, so the search reads eight bytes at a time as one 64-bit word, keeps the
     words that hold a matching lane (the classic "has a zero lane" test on ``word ^ value``,
-    exact for the word as a whole) and only compares lanes inside those.
+    exact for the word as a whole, and one operation shorter when no lane has its top bit set)
+    and only compares lanes inside those.
     """
     lane = narrow.element_size() * 8
     per_word = 64 // lane
@@ -182,8 +184,8 @@ def _find(narrow: Tensor, value: int) -> Tensor:
     ones = sum(1 << (lane * k) for k in range(per_word))
     pattern = (value & ((1 << lane) - 1)) * ones
     words = narrow.view(torch.int64) ^ _signed64(pattern)
-    hits = ((words - _signed64(ones)) & ~words & _signed64(ones << (lane - 1))).nonzero()
-    hits = hits.squeeze(1)
+    borrows = (words - _signed64(ones)).bitwise_and_(_signed64(ones << (lane - 1)))
+    hits = (borrows if small else borrows.bitwise_and_(~words)).nonzero().squeeze(1)
     inside = (narrow.view(-1, per_word)[hits] == value).nonzero()
     return hits[inside[:, 0]] * per_word + inside[:, 1]
 
@@ -206,12 +208,12 @@ def _pack(narrow: Tensor, width: int) -> Tensor:
     return packed
 
 
-def _unpack(codes: Tensor, width: int, count: int) -> Tensor:
-    """The signed codes of :func:`_pack`, one per element (``int8`` below 8 bits): each half
+def _unpack(codes: Tensor, width: int, count: int, int_type: torch.dtype) -> Tensor:
+    """The signed codes of :func:`_pack`, one per element (``int_type`` below 8 bits): each half
     shifted to the top of its byte and back down with the sign."""
     if width >= 8:
         return codes
-    out = torch.empty(count, dtype=torch.int8, device=codes.device)
+    out = torch.empty(count, dtype=int_type, device=codes.device)  # added to bits as it is
     low, high = out[: codes.numel()], out[codes.numel() :]
     torch.bitwise_right_shift((codes << 4).view(torch.int8), 4, out=low)
     torch.bitwise_right_shift(codes[: high.numel()].view(torch.int8), 4, out=high)
