@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -128,3 +131,22 @@ def compare_with_plain(
     assert torch.equal(torch.get_rng_state(), after_plain), "RNG advanced differently"
     assert_close_tensors(out_rev, out_plain, rtol, "outputs")
     assert_close_tensors(rev, plain, rtol, "grads")
+
+
+def run_ranks(worker: str, tmp: Path, world: int = 2, timeout: float = 240) -> Path:
+    """Run ``python -m worker RANK WORLD INIT OUT`` once per rank from the repository root
+    and return OUT, which the worker writes; fail with every rank's log if one fails."""
+    out, init = tmp / "results.pt", f"file://{tmp / 'init'}"
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-m", worker, str(rank), str(world), init, str(out)],
+            cwd=Path(__file__).parent.parent,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(world)
+    ]
+    logs = [rank.communicate(timeout=timeout)[0] for rank in ranks]
+    assert all(rank.returncode == 0 for rank in ranks), "\n".join(logs)
+    return out

@@ -13,6 +13,7 @@ from ._core.coupling import AbstractCoupling as AbstractCoupling
 from ._core.errors import ReversibilityError as ReversibilityError
 from ._core.errors import ReversibilityWarning as ReversibilityWarning
 from ._core.sequence import ReversibleSequential as ReversibleSequential
+from ._core.sharding import fully_shard_stack as fully_shard_stack
 from ._core.streams import Concat as Concat
 from ._core.streams import Duplicate as Duplicate
 from ._core.streams import Mean as Mean

@@ -6,7 +6,7 @@ nothing here is cached across calls (but the scan in :mod:`purity`).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from torch import Tensor, nn
 
@@ -22,11 +22,15 @@ class StepContents(NamedTuple):
     frozen: list[Tensor]  # the same, not requiring grad
     owners: tuple[nn.Module, ...]  # submodules holding buffers
     pure: bool  # see NOTE [pure branches]
+    sharded: list[Any]  # FSDP2 parameters it reads, not in params (NOTE [sharded units])
 
 
-def step_contents(block: AbstractReversibleBlock) -> list[StepContents]:
+def step_contents(
+    block: AbstractReversibleBlock, managed: dict[int, Any] | None = None
+) -> list[StepContents]:
     """Per step: the parameters it may use (never those only other branches have), the
-    submodules whose buffers it may write, and whether its branch is pure."""
+    submodules whose buffers it may write, and whether its branch is pure. Parameters whose
+    id is in ``managed`` (FSDP2's, mapped to their FSDPParam) are listed apart."""
     branches = [block.branch(i) for i in range(len(block.steps))]
     walks = [_submodules(b) for b in branches]
     own = _own_parameters(block, branches, walks)
@@ -35,11 +39,15 @@ def step_contents(block: AbstractReversibleBlock) -> list[StepContents]:
     for walk in walks:
         params = {id(p): p for m in walk for p in m._parameters.values() if p is not None}
         params.update((id(p), p) for p in own)
+        sharded = []
+        if managed:
+            sharded = [managed[k] for k in params if k in managed]
+            params = {k: p for k, p in params.items() if k not in managed}
         trainable = [p for p in params.values() if p.requires_grad]
         frozen = [p for p in params.values() if not p.requires_grad]
         owners = tuple(m for m in walk if m._buffers)
         pure = plain_call and pure_layers(walk)
-        contents.append(StepContents(trainable, frozen, owners, pure))
+        contents.append(StepContents(trainable, frozen, owners, pure, sharded))
     return contents
 
 

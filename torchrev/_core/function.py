@@ -14,17 +14,14 @@ costs about four forwards against plain autograd's three.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 from torch.func import functional_call
 from torch.overrides import has_torch_function
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
 try:  # torch's own inner call of autograd.grad; see NOTE [engine call]
     from torch.autograd.graph import _engine_run_backward
@@ -32,81 +29,23 @@ except ImportError:  # pragma: no cover - older or newer torch: the public call 
     _engine_run_backward = None
 
 from .block import AbstractReversibleBlock
+from .call import Call, Trace, verify_input
 from .contents import StepContents, step_contents
-from .errors import DOUBLE_BACKWARD, ReversibilityError, ReversibilityWarning
+from .errors import DOUBLE_BACKWARD, ReversibilityError
 from .exact import ExactStep
 from .leaves import check_tracked
+from .overlap import Overlap
 from .purity import unobserved
-from .state import (
-    AutocastState,
-    BufferWatch,
-    FunctionModes,
-    RngState,
-    Written,
-    buffers_preserved,
-)
-from .tape import Tape
+from .sharding import Sharding, accumulate, gathered
+from .state import BufferWatch, RngState, Written, buffers_preserved
+
+__all__ = ["Trace", "reversible_forward"]
 
 Grads = list[Tensor | None]
 _UNTRACKED = (
     "Make each one an nn.Parameter of a module inside {what}, pass it to the stack call as a "
     "keyword argument, or detach it if it should not train."
 )
-
-
-@dataclass
-class Trace:
-    """Each block's input streams, as computed forward and as rebuilt in backward."""
-
-    forward: dict[int, tuple[Tensor, ...]] = field(default_factory=dict)
-    rebuilt: dict[int, tuple[Tensor, ...]] = field(default_factory=dict)
-    #: Bits each step of a block stores for exact reversal, per element of its target stream.
-    stored_bits: dict[int, list[float]] = field(default_factory=dict)
-
-
-class _Call:
-    """What the steps of one stack call share: the tape, the replay state, the kwargs."""
-
-    def __init__(
-        self,
-        n_streams: int,
-        device: torch.device,
-        kwargs: dict[str, Any],
-        trace: Trace | None,
-        exact: bool,
-    ) -> None:
-        self.tape = Tape(n_streams)
-        self.trace = trace  # diagnostics only
-        self.exact = exact  # see NOTE [exact reversal]
-        self.passthrough: list[bool] = []  # final streams no step read: _Outputs returns them
-        self.verify: tuple[float, tuple[Tensor, ...]] | None = None  # tolerance, the inputs
-        self.device = device
-        self.autocast = AutocastState.capture(device)
-        self.modes = FunctionModes.capture()
-        self.rng = RngState.capture(device)  # the state the next branch starts from
-        # Tensors anywhere in the kwargs (Llama's position_embeddings=(cos, sin), a dict of
-        # masks) become node inputs, so those that require grad receive gradients.
-        leaves, self.kwargs_spec = tree_flatten(kwargs)
-        unique: dict[int, int] = {}  # a tensor passed twice is one input
-        self.slots = {
-            slot: unique.setdefault(id(v), len(unique))
-            for slot, v in enumerate(leaves)
-            if isinstance(v, Tensor)
-        }
-        self.tensors: list[Tensor] = list(
-            {id(v): v for v in leaves if isinstance(v, Tensor)}.values()
-        )
-        self.leaves = leaves
-        self.static_kwargs = kwargs if not self.slots else None
-
-    def kwargs(self, tensors: Sequence[Tensor]) -> dict[str, Any]:
-        """The call's keyword arguments with ``tensors`` in place of its tensors."""
-        if self.static_kwargs is not None:
-            return self.static_kwargs  # branches receive it unpacked, as a fresh dict
-        leaves = list(self.leaves)
-        for slot, index in self.slots.items():
-            leaves[slot] = tensors[index]
-        return tree_unflatten(leaves, self.kwargs_spec)
 
 
 class _Step:
@@ -117,15 +56,18 @@ class _Step:
         block: AbstractReversibleBlock,
         block_index: int,
         index: int,
-        call: _Call,
+        call: Call,
         contents: StepContents,
     ) -> None:
         self.block, self.block_index, self.index, self.call = block, block_index, index, call
         self.target, self.sources = block.steps[index]
         self.n_params = len(contents.params)
+        self.sharded = contents.sharded  # NOTE [sharded units]
+        self.below: _Step | None = None  # the step before this one (NOTE [overlapped rebuilds])
         self.owners = contents.owners
         self.pure = contents.pure  # see NOTE [pure branches]; the forward may revoke it
         self.sequenced = False  # whether the previous step's output is an extra last input
+        self.trailing = 0  # inputs after the leaves: that output, the call's anchor
         self.lowest = False  # whether no earlier step will run backward
         self.rng: RngState | None = None
         self.written: tuple[Written, ...] = ()
@@ -157,7 +99,8 @@ class _Step:
         self.dtype = inp.dtype
         out = block.update(inp, h, self.index)
         if call.exact:
-            self.exact = ExactStep.record(block, self.index, inp, h, out)
+            compact = call.exact == "compact"
+            self.exact = ExactStep.record(block, self.index, inp, h, out, compact)
             if call.trace is not None:
                 bits = 8 * self.exact.nbytes / max(1, inp.numel())
                 call.trace.stored_bits.setdefault(self.block_index, []).append(bits)
@@ -169,26 +112,33 @@ class _Step:
         """Rebuild the target stream and move the running gradients on the tape back past this
         step (NOTE [gradient order]); return those of ``(inp, *sources, *leaves)`` that leave
         the stack here."""
-        tape, n_sources = self.call.tape, len(self.sources)
+        call, n_sources = self.call, len(self.sources)
+        tape = call.tape
+        if self.sharded:  # NOTE [sharded units]
+            call.sharding.before_backward(self.block_index, self.index)  # type: ignore[union-attr]
         # No gradient reached this step's output (the loss ignores it): the stream is still
         # rebuilt for the steps below, but nothing is differentiated, as in plain autograd.
         d_out = tape.grads[self.target]
         live = d_out is not None
         want_inp = live and needs[0]
         want_sources = [live and need for need in needs[1 : 1 + n_sources]]
-        want_leaves = [live and need for need in needs[1 + n_sources : 1 + n_sources + len(leaves)]]
+        n_leaves = len(leaves)
+        want_leaves = [live and need for need in needs[1 + n_sources : 1 + n_sources + n_leaves]]
         out = tape.get(self.target)
         sources = [tape.get(j) for j in self.sources]
         # Differentiable kwargs enter the recomputation as fresh leaves, so that hooks on the
         # caller's tensors run once, in the outer backward, and nowhere else.
         params = list(leaves[: self.n_params])
         extras = [t.detach().requires_grad_(t.requires_grad) for t in leaves[self.n_params :]]
-        targets = [leaf for leaf, w in zip(params + extras, want_leaves) if w]
+        own = gathered(self.sharded)
+        want_leaves += [live and p.requires_grad for p in own]
+        targets = [leaf for leaf, w in zip(params + extras + own, want_leaves) if w]
         seeds = [tape.grads[j] for j, w in zip(self.sources, want_sources) if w]
         seeds += [tape.shared.pop(k, None) for k, w in zip(self.leaf_keys, want_leaves) if w]
-        kwargs = self.call.kwargs(extras)
+        kwargs = call.kwargs(extras)
+        rebuilt = None if call.overlap is None else call.overlap.rebuilt(self, out, sources)
         inp, d_inp, d_sources, d_targets = self._recompute_and_differentiate(
-            out, sources, d_out, want_inp, want_sources, targets, seeds, kwargs
+            out, sources, d_out, want_inp, want_sources, targets, seeds, kwargs, rebuilt
         )
         tape.values[self.target] = inp
         tape.grads[self.target] = d_inp
@@ -200,21 +150,33 @@ class _Step:
             for j, first in zip((self.target, *self.sources), self.returns)
         ]
         leaf_grads = self._leaf_totals(want_leaves, d_targets)
-        if self.call.trace is not None and self.index == 0:
-            self.call.trace.rebuilt[self.block_index] = tuple(v.clone() for v in tape.values)
+        if self.sharded:
+            for param, grad in zip(self.sharded, leaf_grads[n_leaves:]):
+                accumulate(param, grad)
+            call.sharding.after_backward(self.block_index, self.index)  # type: ignore[union-attr]
+        self._finish()
+        return returned[0], returned[1:], leaf_grads[:n_leaves]
+
+    def _finish(self) -> None:
+        """Clear the tape after the lowest step, and this step's records unless the graph is
+        kept for another backward."""
+        call, tape = self.call, self.call.tape
+        if call.trace is not None and self.index == 0:
+            call.trace.rebuilt[self.block_index] = tuple(v.clone() for v in tape.values)
         if self.lowest:
-            if self.call.verify is not None and self.block_index == 0 and self.index == 0:
-                _verify(tape.values, *self.call.verify)
+            if call.overlap is not None:
+                call.overlap.check()
+            if call.verify is not None and self.block_index == 0 and self.index == 0:
+                verify_input(tape.values, *call.verify)
             tape.values = [None] * len(tape.values)
             tape.grads = [None] * len(tape.grads)
             if not tape.keep:
-                self.call.verify = None
+                call.verify = None
         if not tape.keep:
             # As autograd frees a node's saved tensors after its backward: the graph may stay
             # referenced (a loss kept until the next step), this step's records need not.
             self.exact = self.rng = None
             self.written = self.watched = ()
-        return returned[0], returned[1:], leaf_grads
 
     def _leaf_totals(self, want: list[bool], computed: Grads) -> Grads:
         """Per leaf: its gradient sum if this step is its earliest reader, else None (and the
@@ -237,16 +199,20 @@ class _Step:
         targets: list[Tensor],
         seeds: list[Tensor | None],
         kwargs: dict[str, Any],
+        rebuilt: Tensor | None,
     ) -> tuple[Tensor, Tensor | None, Grads, Grads]:
-        """The rebuilt input, and the gradients of the input, of the wanted sources (seeded
-        with ``seeds[:n]``) and of ``targets`` (seeded with ``seeds[n:]``)."""
+        """The rebuilt input (``rebuilt`` where the overlap already rebuilt it), and the
+        gradients of the input, of the wanted sources (seeded with ``seeds[:n]``) and of
+        ``targets`` (seeded with ``seeds[n:]``)."""
         block, index = self.block, self.index
         differentiate = d_out is not None and (want_inp or any(want_sources) or bool(targets))
+        if rebuilt is not None and not differentiate:
+            return rebuilt, None, [None] * len(sources), [None] * len(targets)
         # Buffers are restored only after autograd.grad: batch norm's graph saves its running
         # statistics, and restoring them earlier would trip autograd's version check.
         with buffers_preserved(self.written):
             inp, h, leaves, views, targets = self._recompute(
-                out, sources, want_sources, targets, kwargs, differentiate
+                out, sources, want_sources, targets, kwargs, differentiate, rebuilt
             )
             if d_out is None or not differentiate:
                 return inp, None, [None] * len(sources), [None] * len(targets)
@@ -280,10 +246,11 @@ class _Step:
         targets: list[Tensor],
         kwargs: dict[str, Any],
         grad: bool,
+        rebuilt: Tensor | None,
     ) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor], list[Tensor]]:
-        """The branch output (with a graph if ``grad``) and the rebuilt input, under the
-        forward's autocast, RNG and modes; the source leaves, the views the branch read, and
-        the tensors to differentiate for ``targets``."""
+        """The branch output (with a graph if ``grad``) and the rebuilt input (``rebuilt``
+        if given), under the forward's autocast, RNG and modes; the source leaves, the views
+        the branch read, and the tensors to differentiate for ``targets``."""
         block, index = self.block, self.index
         replay = nullcontext() if self.rng is None else self.rng.replayed()
         with self.call.autocast.replayed():
@@ -300,6 +267,8 @@ class _Step:
                     # node's inputs; any other trainable tensor the branch reaches is an error
                     # rather than a gradient silently lost.
                     check_tracked([h], [*leaves, *targets], block.branch_name(index), _UNTRACKED)
+            if rebuilt is not None:
+                return rebuilt, h, leaves, views, targets
             with torch.no_grad():
                 # NOTE [in-place revert]: the tape's value of the target stream has no other
                 # reader, and it is always the engine's own tensor: the caller holds copies of
@@ -321,31 +290,15 @@ class _Step:
         # gradient, and the outer backward runs them again on what this node returns. A hooked
         # parameter is therefore swapped for a detached alias during the recomputation, and its
         # gradient is read off the alias.
+        # Gathered FSDP2 parameters are no node inputs: their hooks run here, once.
+        skip = {id(p) for p in gathered(self.sharded)}
         hooked = {
             id(p): (name, p.detach().requires_grad_())
             for name, p in branch.named_parameters()
-            if p.requires_grad and p._backward_hooks
+            if p.requires_grad and p._backward_hooks and id(p) not in skip
         }
         h = functional_call(branch, dict(hooked.values()), tuple(sources), kwargs)
         return h, [hooked[id(t)][1] if id(t) in hooked else t for t in targets]
-
-
-def _verify(rebuilt: list[Tensor | None], tolerance: float, inputs: tuple[Tensor, ...]) -> None:
-    """NOTE [verify]: compare the rebuilt stack input with the real one, kept for this."""
-    error = max(
-        ((r - x).abs().max() / x.abs().max().clamp_min(1e-30)).item()
-        for r, x in zip(rebuilt, inputs)
-        if r is not None
-    )
-    if error > tolerance:
-        warnings.warn(
-            f"the reversible backward rebuilt this stack's input with relative error "
-            f"{error:.1e} (tolerance {tolerance:.0e}), so its gradients are off by about as "
-            f"much. Make fewer layers reversible, raise the scales (lam, beta), or compute in "
-            f"higher precision; torchrev.check_reversibility shows the error block by block.",
-            ReversibilityWarning,
-            stacklevel=2,
-        )
 
 
 def _grad(
@@ -386,14 +339,15 @@ class _StepFunction(torch.autograd.Function):
     """One step as one autograd node. Inputs: the target stream, the source streams, the
     step's trainable parameters and the call's tensor kwargs (so that the engine hands their
     gradients to autograd, ``autograd.grad``, DDP's and users' hooks, rather than writing
-    ``.grad`` itself) and, when it is not among those, the previous step's output."""
+    ``.grad`` itself), when it is not among those, the previous step's output, and for a step
+    whose only trainable parameters are FSDP2's, the call's anchor (NOTE [sharded units])."""
 
     @staticmethod
     def forward(ctx: Any, step: _Step, inp: Tensor, *rest: Tensor) -> Tensor:
         ctx.step = step
         ctx.set_materialize_grads(False)
         n_sources = len(step.sources)
-        leaves = rest[n_sources : len(rest) - step.sequenced]
+        leaves = rest[n_sources : len(rest) - step.trailing]
         out = step.forward(inp, rest[:n_sources], leaves)
         # NOTE [version checks]: saved (nothing is copied) only so that autograd's version
         # check catches what plain autograd's would: an in-place change, between forward and
@@ -410,7 +364,7 @@ class _StepFunction(torch.autograd.Function):
         step: _Step = ctx.step
         leaves = ctx.saved_tensors[: len(ctx.saved_tensors) - len(step.watched)]
         d_inp, d_sources, leaf_grads = step.backward(leaves, ctx.needs_input_grad[1:])
-        return (None, d_inp, *d_sources, *leaf_grads, *([None] * step.sequenced))
+        return (None, d_inp, *d_sources, *leaf_grads, *([None] * step.trailing))
 
 
 class _Outputs(torch.autograd.Function):
@@ -425,7 +379,7 @@ class _Outputs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, call: _Call, *streams: Tensor) -> tuple[Tensor, ...]:
+    def forward(ctx: Any, call: Call, *streams: Tensor) -> tuple[Tensor, ...]:
         ctx.set_materialize_grads(False)  # an unused output passes None, as in plain autograd
         ctx.call = call
         ctx.save_for_backward(*streams)
@@ -433,8 +387,10 @@ class _Outputs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor | None) -> Any:
-        call: _Call = ctx.call
+        call: Call = ctx.call
         call.tape.start(ctx.saved_tensors, grads, keep=_keeps_graph())
+        if call.overlap is not None:
+            call.overlap.reset()
         return (None, *(g if through else None for g, through in zip(grads, call.passthrough)))
 
 
@@ -456,43 +412,82 @@ def reversible_forward(
     kwargs: dict[str, Any],
     trace: Trace | None = None,
     verify: float | None = None,
-    exact: bool = False,
+    exact: bool | Literal["compact"] = False,
+    overlap: bool = False,
 ) -> tuple[Tensor, ...]:
     """Run ``blocks`` on ``streams`` keeping no activations; backward recomputes them.
 
     ``trace``, if given, receives each block's input streams, as computed and as rebuilt.
     ``verify``, if given, keeps the input streams and warns in backward when they are rebuilt
     with a larger relative error. ``exact`` makes every step's inverse bit-exact at the cost of
-    a few bits per element per step (NOTE [exact reversal]).
+    a few bits per element per step (NOTE [exact reversal]). ``overlap`` rebuilds each step's
+    input one step ahead of its gradients, on a second CUDA stream (NOTE [overlapped
+    rebuilds]).
     """
-    call = _Call(len(streams), streams[0].device, kwargs, trace, exact)
+    call = Call(len(streams), streams[0].device, kwargs, trace, exact)
     if verify is not None:
         call.verify = (verify, tuple(s.detach() for s in streams))
-    tensors = call.tensors
+    call.sharding = Sharding.find(blocks)
+    if overlap:
+        call.overlap = Overlap.start(call, streams[0].device)
     values = list(streams)
-    previous: Tensor | None = None
     unread = [True] * len(streams)  # whether stream j still holds its input, unread
     read_leaves: set[int] = set()
+    below: _Step | None = None
+    previous: Tensor | None = None
     for block_index, block in enumerate(blocks):
         if trace is not None:
             trace.forward[block_index] = tuple(v.clone() for v in values)
-        for index, contents in enumerate(step_contents(block)):
-            step = _Step(block, block_index, index, call, contents)
+        for step, contents in _steps(block, block_index, call):
             touched = (step.target, *step.sources)
             step.returns = tuple(unread[j] for j in touched)
             for j in touched:
                 unread[j] = False
-            step.leaf_keys = tuple(id(t) for t in (*contents.params, *tensors))
             step.returns_leaf = tuple(k not in read_leaves for k in step.leaf_keys)
             read_leaves.update(step.leaf_keys)
-            inputs = [values[step.target], *(values[j] for j in step.sources)]
-            # The previous step's output orders the backward (see Tape) and tells whether an
-            # earlier step will run backward at all.
-            step.lowest = previous is None or not previous.requires_grad
-            step.sequenced = previous is not None and all(previous is not t for t in inputs)
-            extra = [previous] if step.sequenced else []
-            values[step.target] = previous = _StepFunction.apply(
-                step, *inputs, *contents.params, *tensors, *extra
-            )
+            step.below, below = below, step
+            values[step.target] = previous = _apply(step, contents, values, previous)
     call.passthrough = unread
     return _Outputs.apply(call, *values)
+
+
+def _steps(
+    block: AbstractReversibleBlock, block_index: int, call: Call
+) -> list[tuple[_Step, StepContents]]:
+    """The block's steps in this call (NOTE [sharded units] for the parameters of FSDP2's)."""
+    sharding = call.sharding
+    if sharding is None:
+        contents = step_contents(block)
+    else:
+        contents = step_contents(block, sharding.managed(block_index))
+        sharding.set_readers(block_index, [c.sharded for c in contents])
+    steps = [_Step(block, block_index, index, call, c) for index, c in enumerate(contents)]
+    for step, c in zip(steps, contents):
+        step.leaf_keys = tuple(id(t) for t in (*c.params, *call.tensors, *c.sharded))
+    return list(zip(steps, contents))
+
+
+def _apply(
+    step: _Step, contents: StepContents, values: list[Tensor], previous: Tensor | None
+) -> Tensor:
+    """Run ``step`` as an autograd node on the current stream ``values``; ``previous``: the
+    output of the step before it."""
+    call = step.call
+    inputs = [values[step.target], *(values[j] for j in step.sources)]
+    # The previous step's output orders the backward (see Tape) and tells whether an earlier
+    # step will run backward at all.
+    step.lowest = previous is None or not previous.requires_grad
+    step.sequenced = previous is not None and all(previous is not t for t in inputs)
+    extra = [previous] if step.sequenced else []
+    if any(p.sharded_param.requires_grad for p in step.sharded):
+        if call.anchor is None:
+            call.anchor = torch.empty(0, device=inputs[0].device, requires_grad=True)
+        extra.append(call.anchor)
+    step.trailing = len(extra)
+    sharding = call.sharding
+    if sharding is not None:
+        sharding.before_forward(step.block_index, step.index)
+    out = _StepFunction.apply(step, *inputs, *contents.params, *call.tensors, *extra)
+    if sharding is not None:
+        sharding.after_forward(step.block_index, step.index)
+    return out

@@ -26,13 +26,16 @@ class ReversibleSequential(nn.ModuleList):
     round, and a block that scales a stream down (a scaled, momentum or affine coupling,
     RevCol's columns) divides in its inverse and amplifies the rounding at every block, as
     does any block on 16-bit streams. ``exact=True`` makes every inverse bit-exact: each step
-    stores a small integer correction (2 to 9 bits per stream element, against 16 to 64 for
+    stores a small integer correction (3 to 9 bits per stream element, against 16 to 64 for
     storing the input; see :mod:`torchrev._core.exact`), so the rebuilt inputs equal the
-    forward's and the gradients equal plain autograd's on the same forward. ``exact=False``
-    stores nothing and trusts the float inverse. ``"auto"`` (the default) is exact where
-    float reversal would amplify rounding (:attr:`AbstractReversibleBlock.amplifies_rounding`
-    or 16-bit streams) and float elsewhere (additive couplings on float32 or float64 streams,
-    whose inverse is good to a few ulps at any depth).
+    forward's and the gradients equal plain autograd's on the same forward. ``"compact"`` is
+    as exact and stores about a third less (2 to 6 bits), for a few more passes over each
+    stream per step: the choice where branches are heavy next to their streams (transformer
+    layers). ``exact=False`` stores nothing and trusts the float inverse. ``"auto"`` (the
+    default) is ``True`` where float reversal would amplify rounding
+    (:attr:`AbstractReversibleBlock.amplifies_rounding` or 16-bit streams) and float
+    elsewhere (additive couplings on float32 or float64 streams, whose inverse is good to a
+    few ulps at any depth).
 
     With couplings (two streams) it is called as ``stack(x1, x2, **kwargs)`` and returns
     ``(y1, y2)``; ``stack.inverse(y1, y2, **kwargs)`` returns ``(x1, x2)``. Blocks on more
@@ -47,6 +50,11 @@ class ReversibleSequential(nn.ModuleList):
     ``verify=tol`` keeps the stack's input (one more set of streams) and warns with a
     :class:`torchrev.ReversibilityWarning` whenever the backward rebuilds it with a relative
     error above ``tol``: a guard for badly conditioned stacks (small scales, low precision).
+
+    ``overlap=True`` (PaReprop, Zhu and Mangalam 2023) rebuilds each block's input one step
+    ahead of its gradients, on a second CUDA stream, at the cost of one more evaluation of
+    every branch in backward (under no grad); without CUDA the same work runs in sequence. It
+    pays where one block's backward leaves the GPU idle (small batches, narrow layers).
 
     ``checkpoint_blocks=True`` (with ``reversible=False``) runs each block under
     ``torch.utils.checkpoint`` instead, the usual alternative, for comparison.
@@ -63,10 +71,12 @@ class ReversibleSequential(nn.ModuleList):
         checkpoint_blocks: bool = False,
         verify: float | None = None,
         exact: Exact = "auto",
+        overlap: bool = False,
     ) -> None:
         super().__init__(blocks)
         _check_blocks(blocks)
         self.reversible = reversible
+        self.overlap = overlap
         self.checkpoint_blocks = checkpoint_blocks
         self.verify = verify
         self.exact = exact
@@ -88,6 +98,7 @@ class ReversibleSequential(nn.ModuleList):
                 checkpoint_blocks=self.checkpoint_blocks,
                 verify=self.verify,
                 exact=self.exact,
+                overlap=self.overlap,
             )
         return super().__getitem__(index)
 
@@ -99,7 +110,9 @@ class ReversibleSequential(nn.ModuleList):
         training = self.training and self._needs_grad(streams, kwargs)
         if self.reversible and training:
             exact = resolve(self.exact, blocks, streams)
-            return reversible_forward(blocks, streams, kwargs, verify=self.verify, exact=exact)
+            return reversible_forward(
+                blocks, streams, kwargs, verify=self.verify, exact=exact, overlap=self.overlap
+            )
         for block in blocks:
             if self.checkpoint_blocks and training:
                 streams = checkpoint(block, *streams, use_reentrant=False, **kwargs)
@@ -121,7 +134,9 @@ class ReversibleSequential(nn.ModuleList):
         if self.reversible and self.training and self._needs_grad(streams, kwargs):
             inverted = [Inverted(block) for block in reversed(blocks)]
             exact = resolve(self.exact, inverted, streams)
-            return reversible_forward(inverted, streams, kwargs, verify=self.verify, exact=exact)
+            return reversible_forward(
+                inverted, streams, kwargs, verify=self.verify, exact=exact, overlap=self.overlap
+            )
         for block in reversed(blocks):
             streams = block.inverse(*streams, **kwargs)
         return tuple(streams)
@@ -136,7 +151,7 @@ class ReversibleSequential(nn.ModuleList):
 
     def extra_repr(self) -> str:
         return (
-            f"reversible={self.reversible}, exact={self.exact!r}, "
+            f"reversible={self.reversible}, exact={self.exact!r}, overlap={self.overlap}, "
             f"checkpoint_blocks={self.checkpoint_blocks}"
         )
 

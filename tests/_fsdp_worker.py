@@ -1,0 +1,190 @@
+"""One rank of the FSDP2 tests: ``python -m tests._fsdp_worker RANK WORLD INIT_FILE OUT``.
+
+Trains the model of :func:`build` for :data:`STEPS` optimizer steps, a different global batch
+each step, under every layout of :data:`LAYOUTS`; rank 0 saves the final parameters, the peak
+bytes of gathered stack parameters per rank, and the errors of the layouts that must fail.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+import torchrev
+
+STEPS = 3
+WIDTH = 4  # features per stream
+LAYOUTS = ("branch", "block", "stack", "root", "branch-exact", "block-exact")
+
+
+def build(exact: bool = False, dtype: torch.dtype = torch.float64) -> nn.Sequential:
+    """Stem, a stack of three couplings, head: the same weights on every rank and process."""
+    torch.manual_seed(0)
+
+    def mlp() -> nn.Module:
+        return nn.Sequential(nn.Linear(WIDTH, 8), nn.GELU(), nn.Linear(8, WIDTH))
+
+    coupling = (
+        (lambda: torchrev.ScaledCoupling(mlp(), mlp(), lam=0.5))
+        if exact
+        else (lambda: torchrev.AdditiveCoupling(mlp(), mlp()))
+    )
+    stack = torchrev.ReversibleSequential(*[coupling() for _ in range(3)], exact=exact)
+    stage = torchrev.ReversibleStage(stack, torchrev.Split(1), torchrev.Concat(1))
+    return nn.Sequential(nn.Linear(6, 2 * WIDTH), stage, nn.Linear(2 * WIDTH, 3)).to(dtype)
+
+
+def batch(step: int, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global batch number ``step``: 8 inputs and targets, different at every step."""
+    generator = torch.Generator().manual_seed(100 + step)
+    return torch.randn(8, 6, generator=generator, dtype=dtype), torch.randn(
+        8, 3, generator=generator, dtype=dtype
+    )
+
+
+def train(model: nn.Module, rank: int, world: int, dtype: torch.dtype = torch.float64) -> None:
+    """:data:`STEPS` SGD steps on each rank's share of the global batches (mean loss)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(STEPS):
+        x, y = batch(step, dtype)
+        x, y = x.chunk(world)[rank], y.chunk(world)[rank]
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+
+
+def shard(model: nn.Sequential, layout: str, **kwargs) -> nn.Sequential:
+    """``layout``'s modules, then the model (the root, without a mixed-precision policy)."""
+    stack = model[1].stack
+    if layout in ("branch", "block"):
+        torchrev.fully_shard_stack(stack, per=layout, **kwargs)
+    elif layout == "stack":
+        fully_shard(stack, **kwargs)
+    fully_shard(model)
+    return model
+
+
+def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+        for name, p in model.named_parameters()
+    }
+
+
+class GatheredBytes:
+    """Peak bytes of the stack's parameters gathered on this rank, sampled whenever a module
+    inside the stack runs (forward and the backward's recomputations)."""
+
+    def __init__(self, model: nn.Module, stack: nn.Module) -> None:
+        self.peak = 0
+        inside = {id(m) for m in stack.modules()}
+        states = {
+            id(s): s
+            for m in model.modules()
+            if isinstance(m, FSDPModule)
+            for s in [m._get_fsdp_state()]
+        }
+        self.params = [
+            p
+            for s in states.values()
+            for g in s._fsdp_param_groups
+            for p in g.fsdp_params
+            if id(p._module_info.module) in inside
+        ]
+        for module in stack.modules():
+            module.register_forward_pre_hook(self.sample)
+
+    def sample(self, *_: object) -> None:
+        now = sum(
+            p._unsharded_param.untyped_storage().nbytes()
+            for p in self.params
+            if hasattr(p, "_unsharded_param")
+        )
+        self.peak = max(self.peak, now)
+
+
+def run_layout(layout: str, rank: int, world: int) -> dict[str, object]:
+    exact = layout.endswith("-exact")
+    model = shard(build(exact=exact), layout.removesuffix("-exact"))
+    gathered = GatheredBytes(model, model[1].stack)
+    train(model, rank, world)
+    return {"params": full_state(model), "peak": gathered.peak}
+
+
+def run_mixed_precision(rank: int, world: int) -> dict[str, object]:
+    """Branches with bf16 parameters and float32 reduction, float32 streams: reversible
+    against reversible=False, same layout."""
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    out = {}
+    for reversible in (True, False):
+        model = build(dtype=torch.float32)
+        model[1].stack.reversible = reversible
+        shard(model, "branch", mp_policy=policy)
+        train(model, rank, world, torch.float32)
+        out[reversible] = full_state(model)
+    return out
+
+
+def error_of(make: Callable[[], nn.Module]) -> str:
+    model = make()
+    try:
+        model(batch(0)[0]).sum().backward()
+    except torchrev.ReversibilityError as error:
+        return str(error)
+    return ""
+
+
+def unrooted() -> nn.Module:
+    model = build()
+    for block in model[1].stack:
+        fully_shard(block.f)
+        fully_shard(block.g)
+    return model
+
+
+def spanning() -> nn.Module:
+    model = build()
+    stack = model[1].stack
+    fully_shard([stack[0].f, stack[1].f])
+    return fully_shard(model)
+
+
+def block_cast() -> nn.Module:
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16)
+    return shard(build(), "block", mp_policy=policy)
+
+
+def overlapped() -> nn.Module:
+    model = shard(build(), "branch")
+    model[1].stack.overlap = True
+    return model
+
+
+def main(rank: int, world: int, init: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        results: dict[str, object] = {layout: run_layout(layout, rank, world) for layout in LAYOUTS}
+        results["mixed"] = run_mixed_precision(rank, world)
+        results["errors"] = {
+            name: error_of(make)
+            for name, make in (
+                ("unrooted", unrooted),
+                ("spanning", spanning),
+                ("cast", block_cast),
+                ("overlap", overlapped),
+            )
+        }
+        if rank == 0:
+            torch.save(results, out)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])

@@ -1,0 +1,55 @@
+"""FSDP2 inside reversible stacks, two gloo ranks: one process's parameters after several
+optimizer steps on different batches, whichever modules are sharded; one branch or block
+gathered at a time; clear errors for the layouts the engine cannot run."""
+
+import pytest
+import torch
+
+from tests import _fsdp_worker as worker
+from tests.helpers import run_ranks
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = run_ranks("tests._fsdp_worker", tmp_path_factory.mktemp("fsdp"))
+    return torch.load(out, weights_only=False)
+
+
+def one_process(exact: bool) -> dict[str, torch.Tensor]:
+    model = worker.build(exact=exact)
+    worker.train(model, rank=0, world=1)
+    return dict(model.named_parameters())
+
+
+@pytest.mark.parametrize("layout", worker.LAYOUTS)
+def test_parameters_after_several_steps_equal_one_process(results, layout):
+    want = one_process(exact=layout.endswith("-exact"))
+    got = results[layout]["params"]
+    assert got.keys() == want.keys()
+    for name, p in want.items():
+        # Each rank averages its half of the batch; the reduction averages the two.
+        torch.testing.assert_close(got[name], p.detach(), rtol=1e-12, atol=1e-14, msg=name)
+
+
+def test_one_branch_or_block_gathered_at_a_time(results):
+    stack = worker.build()[1].stack
+    nbytes = [sum(p.nbytes for p in m.parameters()) for m in stack]  # one block each
+    branch, block, everything = nbytes[0] // 2, nbytes[0], sum(nbytes)
+    assert results["branch"]["peak"] == branch  # f or g of one coupling, never two
+    assert results["block"]["peak"] == block
+    assert results["branch-exact"]["peak"] == branch
+    assert results["stack"]["peak"] == results["root"]["peak"] == everything  # saves nothing
+
+
+def test_mixed_precision_gives_the_plain_autograd_result(results):
+    reversible, plain = results["mixed"][True], results["mixed"][False]
+    for name, p in plain.items():
+        assert torch.equal(reversible[name], p), name
+
+
+def test_layouts_the_engine_cannot_run_name_the_one_that_works(results):
+    errors = results["errors"]
+    assert "FSDP2's root" in errors["unrooted"] and "fully_shard_stack" in errors["unrooted"]
+    assert "several blocks" in errors["spanning"] and "fully_shard_stack" in errors["spanning"]
+    assert "cast the stack's streams" in errors["cast"] and "f and g" in errors["cast"]
+    assert "overlap=False" in errors["overlap"]

@@ -1,0 +1,99 @@
+"""What one stack call shares between its steps, and the check of the rebuilt stack input."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from .errors import ReversibilityWarning
+from .state import AutocastState, FunctionModes, RngState
+from .tape import Tape
+
+if TYPE_CHECKING:
+    from .overlap import Overlap
+    from .sharding import Sharding
+
+
+@dataclass
+class Trace:
+    """Each block's input streams, as computed forward and as rebuilt in backward."""
+
+    forward: dict[int, tuple[Tensor, ...]] = field(default_factory=dict)
+    rebuilt: dict[int, tuple[Tensor, ...]] = field(default_factory=dict)
+    #: Bits each step of a block stores for exact reversal, per element of its target stream.
+    stored_bits: dict[int, list[float]] = field(default_factory=dict)
+
+
+class Call:
+    """What the steps of one stack call share: the tape, the replay state, the kwargs, and
+    the call's FSDP2 units and overlapped rebuilds where it has them."""
+
+    def __init__(
+        self,
+        n_streams: int,
+        device: torch.device,
+        kwargs: dict[str, Any],
+        trace: Trace | None,
+        exact: bool | Literal["compact"],
+    ) -> None:
+        self.tape = Tape(n_streams)
+        self.trace = trace  # diagnostics only
+        self.exact = exact  # see NOTE [exact reversal]
+        self.passthrough: list[bool] = []  # final streams no step read: _Outputs returns them
+        self.verify: tuple[float, tuple[Tensor, ...]] | None = None  # tolerance, the inputs
+        self.device = device
+        self.autocast = AutocastState.capture(device)
+        self.modes = FunctionModes.capture()
+        self.rng = RngState.capture(device)  # the state the next branch starts from
+        # Tensors anywhere in the kwargs (Llama's position_embeddings=(cos, sin), a dict of
+        # masks) become node inputs, so those that require grad receive gradients.
+        leaves, self.kwargs_spec = tree_flatten(kwargs)
+        unique: dict[int, int] = {}  # a tensor passed twice is one input
+        self.slots = {
+            slot: unique.setdefault(id(v), len(unique))
+            for slot, v in enumerate(leaves)
+            if isinstance(v, Tensor)
+        }
+        self.tensors: list[Tensor] = list(
+            {id(v): v for v in leaves if isinstance(v, Tensor)}.values()
+        )
+        self.leaves = leaves
+        self.static_kwargs = kwargs if not self.slots else None
+        self.sharding: Sharding | None = None  # NOTE [sharded units]
+        self.anchor: Tensor | None = None  # makes a step with only FSDP2 parameters need grad
+        self.overlap: Overlap | None = None  # NOTE [overlapped rebuilds]
+
+    def kwargs(self, tensors: Sequence[Tensor]) -> dict[str, Any]:
+        """The call's keyword arguments with ``tensors`` in place of its tensors."""
+        if self.static_kwargs is not None:
+            return self.static_kwargs  # branches receive it unpacked, as a fresh dict
+        leaves = list(self.leaves)
+        for slot, index in self.slots.items():
+            leaves[slot] = tensors[index]
+        return tree_unflatten(leaves, self.kwargs_spec)
+
+
+def verify_input(
+    rebuilt: list[Tensor | None], tolerance: float, inputs: tuple[Tensor, ...]
+) -> None:
+    """NOTE [verify]: compare the rebuilt stack input with the real one, kept for this."""
+    error = max(
+        ((r - x).abs().max() / x.abs().max().clamp_min(1e-30)).item()
+        for r, x in zip(rebuilt, inputs)
+        if r is not None
+    )
+    if error > tolerance:
+        warnings.warn(
+            f"the reversible backward rebuilt this stack's input with relative error "
+            f"{error:.1e} (tolerance {tolerance:.0e}), so its gradients are off by about as "
+            f"much. Make fewer layers reversible, raise the scales (lam, beta), or compute in "
+            f"higher precision; torchrev.check_reversibility shows the error block by block.",
+            ReversibilityWarning,
+            stacklevel=2,
+        )

@@ -1,0 +1,125 @@
+"""PaReprop: each step's input rebuilt one step ahead, on a second CUDA stream.
+
+The trade-off: one more evaluation of every branch in backward (under no grad), against
+running the rebuild of step ``k-1``'s input alongside step ``k``'s gradient computation
+(Zhu and Mangalam 2023 report up to 20% more throughput on GPUs with idle capacity). Without
+CUDA the same work runs in sequence and only costs time; it exists there to be tested.
+
+NOTE [overlapped rebuilds]: by default a step's backward recomputes its branch once, with
+grad, and that one evaluation both rebuilds the input,
+``x = revert(y, h)``, and is differentiated. With ``overlap``, step ``k``'s backward
+
+1. takes its rebuilt input ``x_k``, prepared during step ``k+1``'s backward (or rebuilds it
+   now, for the top step), waiting on the side stream's event;
+2. starts on the side stream the rebuild of step ``k-1``'s input from the streams as they are
+   before step ``k`` (``x_k`` in place of ``y_k``): ``h' = branch(sources)`` under no grad and
+   the forward's RNG, autocast, modes and buffer copies, then ``revert(y, h')`` out of place,
+   so that nothing the main stream reads is overwritten;
+3. recomputes its branch with grad and differentiates it on the main stream, as without
+   overlap, using ``x_k``.
+
+Which step is "below" is fixed by the forward (each node takes the previous one's output), so
+an odd or even number of blocks, or steps, changes nothing; the published code picked the
+stream by ``len(layers) - 1 % 2`` and went wrong at odd depth. Tensors made on one stream and
+read on the other are marked with ``record_stream`` so the caching allocator cannot reuse their
+memory early. With exact reversal the recomputation checksum is compared on the device and
+checked once, at the end of the stack's backward, so no step waits for the host.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from .errors import ReversibilityError
+from .exact import checksum
+from .state import buffers_preserved
+
+if TYPE_CHECKING:
+    from .call import Call
+
+
+class Overlap:
+    """The rebuild in flight for one stack call: which step it is for, its result, its event."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.side = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.pending: tuple[Any, Tensor, Any] | None = None  # (step, rebuilt input, event)
+        self.mismatches: list[tuple[str, Tensor]] = []
+
+    @classmethod
+    def start(cls, call: Call, device: torch.device) -> Overlap:
+        if call.sharding is not None:
+            raise ReversibilityError(
+                "overlap=True cannot run with branches or blocks sharded by fully_shard: the "
+                "rebuild ahead would need two of them gathered at once. Pass overlap=False, or "
+                "shard only the stack or the model that contains it."
+            )
+        return cls(device)
+
+    def reset(self) -> None:
+        """Forget a rebuild a partial backward left behind; a new backward starts afresh."""
+        self.pending = None
+        self.mismatches = []
+
+    def rebuilt(self, step: Any, out: Tensor, sources: list[Tensor]) -> Tensor:
+        """``step``'s input (rebuilt ahead, or now), after starting the rebuild below it."""
+        pending, self.pending = self.pending, None
+        if pending is not None and pending[0] is step:
+            _, inp, event = pending
+            if event is not None:
+                torch.cuda.current_stream(self.device).wait_event(event)
+        else:
+            inp = self._rebuild(step, out, sources)
+        if step.below is not None and not step.lowest:
+            self._launch(step, inp)
+        return inp
+
+    def check(self) -> None:
+        """Raise if a branch recomputed differently from its forward (exact reversal)."""
+        mismatches, self.mismatches = self.mismatches, []
+        if not mismatches:
+            return
+        bad = torch.stack([m for _, m in mismatches]).nonzero().flatten().tolist()
+        if bad:
+            raise ReversibilityError(
+                f"{mismatches[bad[0]][0]} computed a different output in backward than in "
+                f"forward, so its input cannot be rebuilt exactly. Make the branch "
+                f"deterministic (torch.use_deterministic_algorithms(True)), or pass exact=False."
+            )
+
+    def _launch(self, step: Any, inp: Tensor) -> None:
+        """Start rebuilding the input of the step below ``step``, whose input is ``inp``."""
+        below = step.below
+        values = list(step.call.tape.values)
+        values[step.target] = inp
+        out, sources = values[below.target], [values[j] for j in below.sources]
+        if self.side is None:
+            self.pending = (below, self._rebuild(below, out, sources), None)
+            return
+        main = torch.cuda.current_stream(self.device)
+        self.side.wait_stream(main)  # the streams it reads are ready
+        with torch.cuda.stream(self.side):
+            rebuilt = self._rebuild(below, out, sources)
+        for t in (out, *sources):
+            t.record_stream(self.side)  # made on the main stream, read here
+        rebuilt.record_stream(main)  # made here, read on the main stream
+        self.pending = (below, rebuilt, self.side.record_event())
+
+    def _rebuild(self, step: Any, out: Tensor, sources: list[Tensor]) -> Tensor:
+        """``step``'s input from its output, under no grad and the forward's state."""
+        call, block, index = step.call, step.block, step.index
+        replay = nullcontext() if step.rng is None else step.rng.replayed()
+        with torch.no_grad(), call.autocast.replayed(), replay, call.modes.replayed():
+            with buffers_preserved(step.written):
+                h = block.branch(index)(*sources, **call.kwargs(call.tensors))
+            inp = block.revert(out, h, index)
+            if step.exact is None:
+                return inp.to(step.dtype)
+            exact = step.exact
+            self.mismatches.append((block.branch_name(index), checksum(h) != exact.checksum))
+            return exact.correction.apply_(inp.to(exact.dtype))
