@@ -48,6 +48,8 @@ def test_engine_benchmark_writes_results(tmp_path):
     exact_growth = memory[("torchrev exact", 6)] - memory[("torchrev exact", 2)]
     assert 0 < exact_growth < (memory[("plain autograd", 6)] - memory[("plain autograd", 2)]) / 4
     assert all(r["exact"] and 0 < r["stored_bits"] <= 9 for r in rows if "stored_bits" in r)
+    bits = {(r["method"], r["depth"]): r["stored_bits"] for r in rows if "stored_bits" in r}
+    assert bits[("torchrev exact compact", 6)] < bits[("torchrev exact", 6)]
     # One recomputation per block; checkpoint stops before each block's last Linear.
     timed = [r for r in rows if "flop_ratio" in r]
     assert {r["batch"] for r in timed} == {32 // 8}  # elements per stream over the width

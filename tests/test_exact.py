@@ -17,9 +17,10 @@ def same_bits(a, b):
     return a.dtype == b.dtype and torch.equal(a.view(BITS[a.dtype]), b.view(BITS[b.dtype]))
 
 
+@pytest.mark.parametrize("compact", [False, True], ids=["fast", "compact"])
 @pytest.mark.parametrize("dtype", FLOATS, ids=str)
 @pytest.mark.parametrize("spread", [0.0, 1e-7, 1e-3, 1.0, 1e4])
-def test_a_correction_turns_any_tensor_into_any_other(dtype, spread):
+def test_a_correction_turns_any_tensor_into_any_other(dtype, spread, compact):
     """Whatever the rebuilt tensor is (a few ulps off, far off, of another sign, inf or NaN),
     the correction restores the recorded one bit for bit, and never costs more than storing
     it outright (plus an index per escape it does not need)."""
@@ -29,11 +30,12 @@ def test_a_correction_turns_any_tensor_into_any_other(dtype, spread):
     specials = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-40, -3.0])
     x[0], rebuilt[0] = specials, specials.flip(0)
     x, rebuilt = x.to(dtype), rebuilt.to(dtype)
-    correction = Correction.between(x, rebuilt.clone())
+    correction = Correction.between(x, rebuilt.clone(), compact)
     assert same_bits(correction.apply_(rebuilt.clone()), x)
+    assert same_bits(correction.apply_(rebuilt.clone()), x)  # applying leaves it intact
     assert correction.nbytes <= x.nbytes + 4 * 7
-    if spread == 0.0:  # the specials' row only: the rest fits a 4-bit code
-        assert correction.nbytes * 8 / x.numel() < 5
+    if spread == 0.0:  # the specials' row only: the rest fits the narrowest code
+        assert correction.nbytes * 8 / x.numel() < (3 if compact else 5)
 
 
 def test_a_correction_follows_the_logical_order_of_strided_tensors():
@@ -41,8 +43,10 @@ def test_a_correction_follows_the_logical_order_of_strided_tensors():
     rebuilt = x.contiguous().mul_(1 + 1e-6)  # the same values, laid out otherwise
     target = torch.empty(6, 8).t()  # laid out like x, filled later
     target.copy_(rebuilt)
-    Correction.between(x, rebuilt.clone()).apply_(target)
-    assert same_bits(target, x)
+    for compact in (False, True):
+        target.copy_(rebuilt)
+        Correction.between(x, rebuilt.clone(), compact).apply_(target)
+        assert same_bits(target, x)
 
 
 @settings(max_examples=40, deadline=None)
@@ -52,8 +56,9 @@ def test_a_correction_follows_the_logical_order_of_strided_tensors():
     ulps=st.integers(0, 2**20),
     escapes=st.floats(0.0, 1.0),
     seed=st.integers(0, 2**16),
+    compact=st.booleans(),
 )
-def test_random_differences_round_trip(dtype, n, ulps, escapes, seed):
+def test_random_differences_round_trip(dtype, n, ulps, escapes, seed, compact):
     generator = torch.Generator().manual_seed(seed)
     int_type = BITS[dtype]
     bits = torch.randint(-(2**15), 2**15, (n,), generator=generator).to(int_type)
@@ -62,7 +67,8 @@ def test_random_differences_round_trip(dtype, n, ulps, escapes, seed):
     far = torch.rand(n, generator=generator) < escapes
     noise[far] = torch.randint(-(2**14), 2**14, (int(far.sum()),), generator=generator).to(int_type)
     rebuilt = (bits - noise).view(dtype)
-    assert same_bits(Correction.between(x, rebuilt.clone()).apply_(rebuilt.clone()), x)
+    correction = Correction.between(x, rebuilt.clone(), compact)
+    assert same_bits(correction.apply_(rebuilt.clone()), x)
 
 
 def scaled(depth, **options):
@@ -120,17 +126,19 @@ def assert_bitwise(results):
         assert (a is None and b is None) or same_bits(a, b)
 
 
+@pytest.mark.parametrize("exact", ["auto", "compact"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_deep_ill_conditioned_stacks_train_on_plain_autograd_gradients_bitwise(case):
+def test_deep_ill_conditioned_stacks_train_on_plain_autograd_gradients_bitwise(case, exact):
     build, dtype = CASES[case]
     torch.manual_seed(0)
     stack = build().to(dtype)
+    stack.exact = exact
     inputs = [torch.randn(64, 16, dtype=dtype, requires_grad=True) for _ in range(2)]
     report = torchrev.check_reversibility(stack, *inputs)
     assert report.exact and report.worst_gradient == 0.0, str(report)
-    # Bits per stream element per step: 2 to 9 on average (lam = beta = 0.1 is the worst),
+    # Bits per stream element per step: 1 to 9 on average (lam = beta = 0.1 is the worst),
     # against 16 to 64 for storing the input.
-    assert 2 < report.stored_bits <= 9 and max(b.stored_bits for b in report.blocks) < 11
+    assert 1 < report.stored_bits <= 9 and max(b.stored_bits for b in report.blocks) < 11
     assert_bitwise(plain_and_reversible(stack, inputs))
     stack.exact = False  # the float inverse these cases need exactness for
     lossy = torchrev.check_reversibility(stack, *inputs).worst_reconstruction
@@ -205,11 +213,12 @@ def test_auto_is_exact_where_float_reversal_amplifies_rounding():
     half = x.bfloat16()
     assert resolve("auto", list(stack(torchrev.AdditiveCoupling, torch.bfloat16)), [half, half])
     assert resolve(True, list(stack(torchrev.AdditiveCoupling)), [x, x])
+    assert resolve("compact", list(stack(torchrev.AdditiveCoupling)), [x, x]) == "compact"
     assert not resolve(False, list(stack(torchrev.ScaledCoupling, lam=0.1)), [x, x])
 
 
 def test_bad_settings_are_refused():
-    with pytest.raises(ValueError, match="exact must be True, False or 'auto'"):
+    with pytest.raises(ValueError, match="exact must be True, False, 'auto' or 'compact'"):
         torchrev.ReversibleSequential(torchrev.AdditiveCoupling(mlp(4), mlp(4)), exact="yes")
     with pytest.raises(ValueError, match="exact must be True"):
         torchrev.create_model("revnet38", exact=1.0)

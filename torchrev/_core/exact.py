@@ -17,13 +17,17 @@ where ``bits`` reads a float's B-bit pattern as a signed integer. The backward r
 ``bits(x)`` exactly, even across a change of sign, an overflow or a NaN. Everything below a
 step is then rebuilt bit-identically, the recomputed branches see the forward's inputs, and
 the gradients are plain autograd's on the same forward. ``c`` is mostly 0 or a few ulps, so
-:class:`Correction` stores it as a dense code of 4, 8 or 16 bits per element (whichever
-stores least on a sample) and, for the few elements that do not fit, their index and full
-bits. Measured (``benchmarks/engine.py``, ``tests/test_exact.py``): about 4 bits per element
-for an additive float32 or bfloat16 step, 5 to 9 for scales of 0.5 to 0.1, against ``B``
-(16 to 64) for storing the input. The trade-off chose speed over the last bits: a cascade of
-narrower codes stores about a third less for scaled steps, but finding and placing its
-escapes costs more than the branches themselves at small widths.
+:class:`Correction` stores it as a cascade: a narrow code (2, 4, 8 or 16 bits) for every
+element, wider codes for the few that do not fit, full bits for the fewest; the widths are
+planned per step on a sample. Two plans, one trade-off: ``exact=True`` stores where the
+first code's escapes are, so the backward never searches for them and the plan keeps them
+rare; ``exact="compact"`` stores no position, searches the codes again in backward, and so
+can afford a 2-bit first code. Measured per stream element per step (``tests/test_exact.py``,
+``benchmarks/engine.py``): 3 to 4.5 bits (compact 2.3 to 2.7) for additive, momentum and
+affine steps, 5.5 to 8.2 (compact 4 to 5.7) for scales of 0.1, against ``B`` (16 to 64) for
+storing the input; MEFT on MiniLM 5.4 (compact 3.9). The compact plan's time goes into
+finding escapes that are no longer rare: a few passes over each stream per step, which
+transformer layers hardly notice and small MLP branches do.
 
 The alternative, fixed-point streams with an information buffer for the bits a scaling drops
 (MacKay et al. 2018), stores about ``log2(1/lam)`` bits per scaled step and none for additive
@@ -37,6 +41,7 @@ of ``h`` (the sum of its bit patterns) and the backward compares it before using
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
@@ -46,7 +51,7 @@ from torch import Tensor
 from .block import AbstractReversibleBlock
 from .errors import ReversibilityError
 
-Exact = bool | Literal["auto"]
+Exact = bool | Literal["auto", "compact"]
 
 #: The integer type whose bits each float type is read as.
 BITS = {
@@ -56,27 +61,31 @@ BITS = {
     torch.float64: torch.int64,
 }
 LOW_PRECISION = (torch.float16, torch.bfloat16)
-#: Widths of the dense code, below the full width of the stream's type.
-CODE_WIDTHS = (4, 8, 16)
+#: Widths the codes of a correction's levels may take, below the full width of the stream's type.
+CODE_WIDTHS = (2, 4, 8, 16)
 _STORE = {8: torch.int8, 16: torch.int16}
+#: What a further level must save, in bits per element of the stream, to be worth its passes.
+LEVEL_COST = 0.25
 
 
 def resolve(
     exact: Exact, blocks: Sequence[AbstractReversibleBlock], streams: Sequence[Tensor]
-) -> bool:
-    """Whether a stack call reverses exactly; ``"auto"``: wherever float reversal would amplify
-    rounding (a block that divides, see :attr:`~AbstractReversibleBlock.amplifies_rounding`, or
-    16-bit streams, where one ulp is already 0.4%)."""
+) -> bool | Literal["compact"]:
+    """How a stack call reverses: ``False`` in floating point, ``True`` or ``"compact"``
+    exactly (see :class:`Correction`). ``"auto"`` is exact wherever float reversal would
+    amplify rounding (a block that divides, see
+    :attr:`~AbstractReversibleBlock.amplifies_rounding`, or 16-bit streams, where one ulp is
+    already 0.4%)."""
     if any(s.is_meta for s in streams):
         return False  # shapes only: there are no values to correct
     if exact != "auto":
         if exact and any(s.dtype not in BITS for s in streams):
             dtypes = sorted({str(s.dtype) for s in streams})
             raise ValueError(
-                f"exact=True needs float16, bfloat16, float32 or float64 streams, got "
+                f"exact={exact!r} needs float16, bfloat16, float32 or float64 streams, got "
                 f"{', '.join(dtypes)}; pass exact=False to reverse in floating point."
             )
-        return bool(exact)
+        return exact
     if any(s.dtype not in BITS for s in streams):
         return False
     return any(s.dtype in LOW_PRECISION for s in streams) or any(
@@ -85,101 +94,142 @@ def resolve(
 
 
 def check_setting(exact: object) -> Exact:
-    """``exact`` if it is ``True``, ``False`` or ``"auto"``; a clear error otherwise."""
-    if exact is True or exact is False or exact == "auto":
+    """``exact`` if it is ``True``, ``False``, ``"auto"`` or ``"compact"``; a clear error
+    otherwise."""
+    if exact is True or exact is False or exact in ("auto", "compact"):
         return exact  # type: ignore[return-value]
     raise ValueError(
-        f"exact must be True, False or 'auto', got {exact!r}. 'auto' (the default) reverses "
-        f"exactly wherever floating-point reversal would amplify rounding."
+        f"exact must be True, False, 'auto' or 'compact', got {exact!r}. 'auto' (the default) "
+        f"reverses exactly wherever floating-point reversal would amplify rounding; 'compact' "
+        f"reverses exactly everywhere and stores about half the bits of True, for more time."
     )
 
 
 class Correction:
-    """``bits(x) - bits(x')`` for one stream: a dense code of a few bits per element, and the
-    elements that do not fit it, by index, with their full bit patterns.
+    """``bits(x) - bits(x')`` for one stream, as a cascade of ever wider codes.
 
-    The code's width is chosen per step, on a sample of the differences, to store the fewest
-    bits (:func:`_plan`); when no width pays, the differences are kept at full width.
+    Level 0 holds a ``w0``-bit code for every element. Where a difference does not fit, the
+    code holds its one reserved value, ``-2^(w0-1)``, and the difference goes on to level 1,
+    which codes only those, in order, in ``w1 > w0`` bits; and so on, up to a last level that
+    holds what is left at the stream type's full width. The widths are chosen per step on a
+    sample of the differences (:func:`_plan`).
+
+    Trade-off: the backward must know where level 0's escapes are. ``compact=False`` (what
+    ``exact=True`` and ``"auto"`` use) stores their positions (32 bits each), so the planner
+    keeps them rare and the backward never searches; ``compact=True`` (``exact="compact"``)
+    stores no position and searches the codes again, so a narrow first level with many
+    escapes pays: about half the bits, for a few more passes over the stream per step.
     """
 
-    __slots__ = ("codes", "count", "index", "values", "width")
+    __slots__ = ("counts", "index", "levels", "widths")
 
     def __init__(
-        self, codes: Tensor, width: int, count: int, index: Tensor | None, values: Tensor | None
+        self,
+        levels: Sequence[Tensor],
+        widths: Sequence[int],
+        counts: Sequence[int],
+        index: Tensor | None,
     ) -> None:
-        self.codes, self.width, self.count = codes, width, count
-        self.index, self.values = index, values
+        self.levels, self.widths, self.counts = tuple(levels), tuple(widths), tuple(counts)
+        self.index = index
 
     @classmethod
-    def between(cls, x: Tensor, rebuilt: Tensor) -> Correction:
+    def between(cls, x: Tensor, rebuilt: Tensor, compact: bool = False) -> Correction:
         """What turns ``rebuilt`` back into ``x`` (same shape and float type); overwrites
         ``rebuilt``."""
         int_type = BITS[x.dtype]
-        bits = x.view(int_type)
         diff = rebuilt.view(int_type)
-        torch.sub(bits, diff, out=diff)
+        torch.sub(x.view(int_type), diff, out=diff)
         diff = diff.reshape(-1)
-        width = _plan(diff, torch.iinfo(int_type).bits)
-        if width == torch.iinfo(int_type).bits:
-            return cls(diff.clone(), width, diff.numel(), None, None)
-        half = 1 << (width - 1)
-        narrow = diff.clamp_(-half, half).to(_STORE[max(8, width)])  # +-half wrap to -half
-        if width < 8:
-            narrow = narrow.view(torch.uint8).bitwise_and_((1 << width) - 1)
-        index = _find(narrow, _sentinel(width), small=width < 8)
-        values = bits.take(index)  # the bits of x itself where its difference does not fit
-        small = torch.int32 if diff.numel() < 2**31 else torch.int64
-        return cls(_pack(narrow, width), width, diff.numel(), index.to(small), values)
+        widths = _plan(diff, torch.iinfo(int_type).bits, compact)
+        levels, counts, index = [], [], None
+        for width in widths:
+            counts.append(diff.numel())
+            codes, escapes = _encode(diff, width)
+            if index is None and not compact:
+                small = torch.int32 if diff.numel() < 2**31 else torch.int64
+                index = escapes.to(small)
+            levels.append(codes)
+            diff = diff.take(escapes)
+        counts.append(diff.numel())
+        levels.append(diff if widths else diff.clone())  # not a view of the caller's buffer
+        return cls(levels, widths, counts, index)
 
     def apply_(self, rebuilt: Tensor) -> Tensor:
         """Turn ``rebuilt`` into the ``x`` it was recorded against, in place; return it."""
         bits = rebuilt.view(BITS[rebuilt.dtype])
-        bits.add_(_unpack(self.codes, self.width, self.count, bits.dtype).view(bits.shape))
-        if self.index is not None and self.values is not None and self.index.numel():
-            bits.put_(self.index.long(), self.values)
+        if not self.widths:
+            bits.add_(self.levels[0].view(bits.shape))
+            return rebuilt
+        codes = _unpack(self.levels[0], self.widths[0], self.counts[0])
+        bits.add_(codes.view(bits.shape))  # the narrow codes as they are: no widening copy
+        sentinel = -(1 << (self.widths[0] - 1))  # what each escape just received instead
+        escapes = self._escapes(0, codes) if self.index is None else self.index.long()
+        bits.put_(escapes, self._decode(1, bits.dtype).sub_(sentinel), accumulate=True)
         return rebuilt
+
+    def _escapes(self, level: int, codes: Tensor) -> Tensor:
+        return _find(codes, -(1 << (self.widths[level] - 1)))
+
+    def _decode(self, level: int, int_type: torch.dtype) -> Tensor:
+        """The differences that ``level`` and the levels after it hold, one per code, as a
+        new tensor."""
+        if level == len(self.widths):
+            return self.levels[level].clone()
+        codes = _unpack(self.levels[level], self.widths[level], self.counts[level])
+        deeper = self._decode(level + 1, int_type)
+        return codes.to(int_type, copy=True).index_copy_(0, self._escapes(level, codes), deeper)
 
     @property
     def nbytes(self) -> int:
-        extra = [t.nbytes for t in (self.index, self.values) if t is not None]
-        return self.codes.nbytes + sum(extra)
+        return sum(t.nbytes for t in self.levels) + (0 if self.index is None else self.index.nbytes)
 
 
-def _plan(diff: Tensor, full: int, samples: int = 4096) -> int:
-    """The code width that stores the fewest bits, judged on about ``samples`` evenly spaced
-    differences: ``w`` bits for every element plus an index and ``full`` bits for each that
-    does not fit, against ``full`` bits for every element."""
+def _plan(diff: Tensor, full: int, compact: bool, samples: int = 4096) -> tuple[int, ...]:
+    """The widths of the levels that store the fewest bits, judged on about ``samples``
+    evenly spaced differences: ``w0`` bits for every element, ``w1`` for each that does not
+    fit ``w0`` (and 32 for its position unless ``compact``), ..., ``full`` for each that fits
+    none, and :data:`LEVEL_COST` per level."""
     sample = diff[:: max(1, diff.numel() // samples)]
     magnitude = sample.abs()
     magnitude[magnitude < 0] = torch.iinfo(diff.dtype).max  # abs of the most negative value
     widths = [w for w in CODE_WIDTHS if w < full]
     thresholds = torch.tensor([1 << (w - 1) for w in widths], device=diff.device)
     misses = (magnitude.unsqueeze(1) >= thresholds.to(diff.dtype)).sum(0).tolist()
-    escape = 32 + full  # an int32 index and the full bits
-    costs = {w: w + escape * m / max(1, sample.numel()) for w, m in zip(widths, misses)}
-    costs[full] = full
-    return min(costs, key=costs.__getitem__)
+    reach = {w: m / max(1, sample.numel()) for w, m in zip(widths, misses)}
+    best: tuple[float, tuple[int, ...]] = (float(full), ())
+    for k in range(1, len(widths) + 1):
+        for chosen in itertools.combinations(widths, k):
+            wider = (*chosen[1:], full)
+            cost = chosen[0] + sum(reach[w] * v + LEVEL_COST for w, v in zip(chosen, wider))
+            best = min(best, (cost + (0 if compact else 32 * reach[chosen[0]]), chosen))
+    return best[1]
 
 
-def _sentinel(width: int) -> int:
-    """The code that marks an element stored in full, as the narrow stored type reads it:
-    the low ``width`` bits of ``-2^(w-1)``, or the value itself from 8 bits up."""
-    return (1 << (width - 1)) if width < 8 else -(1 << (width - 1))
+def _encode(diff: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """``width``-bit codes of the 1-D ``diff``, packed, and the positions of those that do not
+    fit (coded as ``-2^(w-1)``), in order."""
+    half = 1 << (width - 1)
+    narrow = diff.clamp(-half, half).to(_STORE[max(8, width)])  # +-half wrap to -half
+    if width < 8:
+        narrow = narrow.view(torch.uint8).bitwise_and_((1 << width) - 1)
+    escapes = _find(narrow, half if width < 8 else -half, small=width < 8)
+    return _pack(narrow, width), escapes
 
 
 def _find(narrow: Tensor, value: int, small: bool = False) -> Tensor:
-    """Positions of ``value`` in a 1-D tensor of 8- or 16-bit codes, in order; ``small``: every
-    code is below the lane's top bit (4-bit codes in bytes).
+    """Positions of ``value`` in a 1-D tensor of 8-, 16- or 32-bit integers, in order;
+    ``small``: every entry is below its lane's top bit (codes of under 8 bits in bytes).
 
-    Few entries match, so the search reads eight bytes at a time as one 64-bit word, keeps the
-    words that hold a matching lane (the classic "has a zero lane" test on ``word ^ value``,
-    exact for the word as a whole, and one operation shorter when no lane has its top bit set)
-    and only compares lanes inside those.
+    Few entries match, so the search reads 64 bits at a time as one word, keeps the words
+    that hold a matching lane (the classic "has a zero lane" test on ``word ^ value``, exact
+    for the word as a whole, and one operation shorter when no lane has its top bit set) and
+    only compares lanes inside those.
     """
     lane = narrow.element_size() * 8
     per_word = 64 // lane
     n = narrow.numel()
-    if n % per_word or n < 1024:
+    if lane == 64 or n % per_word or n < 1024:
         return (narrow == value).nonzero().squeeze(1)
     ones = sum(1 << (lane * k) for k in range(per_word))
     pattern = (value & ((1 << lane) - 1)) * ones
@@ -196,27 +246,30 @@ def _signed64(value: int) -> int:
 
 
 def _pack(narrow: Tensor, width: int) -> Tensor:
-    """4-bit codes two to a byte, element ``i`` in the low half and ``i + ceil(n / 2)`` in the
-    high half (halves, not neighbours: both are then contiguous runs, several times faster to
-    split and join than interleaved pairs)."""
+    """Codes of under 8 bits, ``8 / width`` to a byte: the byte's ``j``-th field holds the
+    ``j``-th of as many contiguous runs (runs, not neighbours: each is then one strided-free
+    pass, several times faster to split and join than interleaved fields)."""
     if width >= 8:
         return narrow
-    half = (narrow.numel() + 1) // 2
-    low, high = narrow[:half], narrow[half:]
-    packed = low.clone()
-    packed[: high.numel()] |= high << 4
+    run = -(-narrow.numel() // (8 // width))
+    packed = narrow[:run].clone()
+    for j in range(1, 8 // width):
+        part = narrow[j * run : (j + 1) * run]
+        packed[: part.numel()] |= part << (j * width)
     return packed
 
 
-def _unpack(codes: Tensor, width: int, count: int, int_type: torch.dtype) -> Tensor:
-    """The signed codes of :func:`_pack`, one per element (``int_type`` below 8 bits): each half
-    shifted to the top of its byte and back down with the sign."""
+def _unpack(codes: Tensor, width: int, count: int) -> Tensor:
+    """The ``count`` signed codes of :func:`_pack`, as bytes below 8 bits: each field shifted
+    to the top of its byte and back down with the sign."""
     if width >= 8:
         return codes
-    out = torch.empty(count, dtype=int_type, device=codes.device)  # added to bits as it is
-    low, high = out[: codes.numel()], out[codes.numel() :]
-    torch.bitwise_right_shift((codes << 4).view(torch.int8), 4, out=low)
-    torch.bitwise_right_shift(codes[: high.numel()].view(torch.int8), 4, out=high)
+    out = torch.empty(count, dtype=torch.int8, device=codes.device)
+    run = codes.numel()
+    for j in range(8 // width):
+        part = out[j * run : (j + 1) * run]
+        top = codes[: part.numel()] << (8 - (j + 1) * width)
+        torch.bitwise_right_shift(top.view(torch.int8), 8 - width, out=part)
     return out
 
 
@@ -238,11 +291,17 @@ class ExactStep(NamedTuple):
 
     @classmethod
     def record(
-        cls, block: AbstractReversibleBlock, step: int, x: Tensor, h: Tensor, y: Tensor
+        cls,
+        block: AbstractReversibleBlock,
+        step: int,
+        x: Tensor,
+        h: Tensor,
+        y: Tensor,
+        compact: bool = False,
     ) -> ExactStep:
         """After the forward's ``y = block.update(x, h, step)``."""
         rebuilt = block.revert(y, h, step).to(x.dtype)
-        return cls(Correction.between(x, rebuilt), checksum(h), x.dtype)
+        return cls(Correction.between(x, rebuilt, compact), checksum(h), x.dtype)
 
     def rebuild(self, block: AbstractReversibleBlock, step: int, y: Tensor, h: Tensor) -> Tensor:
         """The ``x`` that :meth:`record` saw, from ``y`` and the recomputed ``h``: the same
