@@ -97,3 +97,12 @@ def test_plain_paths_compile_into_one_graph(path):
         compiled(x)
     else:
         compiled(x).sum().backward()
+
+
+def test_a_stack_called_in_a_loop_leaves_that_frame_eager():
+    """What the README says does not compile yet: Dynamo gives up on a frame with a graph
+    break inside a loop, as nn.Sequential.forward's loop over its layers is."""
+    m = model()
+    sequential = nn.Sequential(m.stem, m.stage, m.head)
+    _, _, sites, linears = breaks(sequential, torch.randn(5, 8))
+    assert sites and linears == 0  # the stem and the head run eagerly
