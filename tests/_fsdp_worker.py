@@ -116,15 +116,18 @@ def run_layout(layout: str, rank: int, world: int) -> dict[str, object]:
     return {"params": full_state(model), "peak": gathered.peak}
 
 
-def run_mixed_precision(rank: int, world: int) -> dict[str, object]:
-    """Branches with bf16 parameters and float32 reduction, float32 streams: reversible
-    against reversible=False, same layout."""
+def run_mixed_precision(rank: int, world: int, root_too: bool) -> dict[str, object]:
+    """Branches with bf16 parameters and float32 reduction: reversible against
+    reversible=False, same layout. The streams stay float32, or with ``root_too`` (the root's
+    policy casts the model's input) are bf16, which the stack reverses exactly ("auto")."""
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     out = {}
     for reversible in (True, False):
         model = build(dtype=torch.float32)
-        model[1].stack.reversible = reversible
-        shard(model, "branch", mp_policy=policy)
+        stack = model[1].stack
+        stack.reversible, stack.exact = reversible, "auto"
+        torchrev.fully_shard_stack(stack, mp_policy=policy)
+        fully_shard(model, mp_policy=policy if root_too else MixedPrecisionPolicy())
         train(model, rank, world, torch.float32)
         out[reversible] = full_state(model)
     return out
@@ -169,7 +172,8 @@ def main(rank: int, world: int, init: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         results: dict[str, object] = {layout: run_layout(layout, rank, world) for layout in LAYOUTS}
-        results["mixed"] = run_mixed_precision(rank, world)
+        results["mixed"] = run_mixed_precision(rank, world, root_too=False)
+        results["mixed-bf16-streams"] = run_mixed_precision(rank, world, root_too=True)
         results["errors"] = {
             name: error_of(make)
             for name, make in (

@@ -41,8 +41,9 @@ def test_one_branch_or_block_gathered_at_a_time(results):
     assert results["stack"]["peak"] == results["root"]["peak"] == everything  # saves nothing
 
 
-def test_mixed_precision_gives_the_plain_autograd_result(results):
-    reversible, plain = results["mixed"][True], results["mixed"][False]
+@pytest.mark.parametrize("streams", ["mixed", "mixed-bf16-streams"])
+def test_mixed_precision_gives_the_plain_autograd_result(results, streams):
+    reversible, plain = results[streams][True], results[streams][False]
     for name, p in plain.items():
         assert torch.equal(reversible[name], p), name
 
