@@ -133,6 +133,33 @@ def run_mixed_precision(rank: int, world: int, root_too: bool) -> dict[str, obje
     return out
 
 
+def build_vit() -> nn.Module:
+    """A small RevViT (attention, LayerNorm; no drop-path, whose draws differ by rank)."""
+    torch.manual_seed(0)
+    kwargs = {"depth": 2, "image_size": 16, "num_classes": 5, "drop_path": 0.0}
+    return torchrev.create_model("revvit_tiny", **kwargs).double()
+
+
+def train_vit(model: nn.Module, rank: int, world: int) -> None:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    generator = torch.Generator().manual_seed(5)
+    for _ in range(2):
+        x = torch.randn(4, 3, 16, 16, generator=generator, dtype=torch.float64)
+        optimizer.zero_grad()
+        model(x.chunk(world)[rank]).square().mean().backward()
+        optimizer.step()
+
+
+def run_registry_model(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """RevViT with every stack's branches sharded: its final parameters."""
+    model = build_vit()
+    for stack in model.stacks():
+        torchrev.fully_shard_stack(stack)
+    fully_shard(model)
+    train_vit(model, rank, world)
+    return full_state(model)
+
+
 def error_of(make: Callable[[], nn.Module]) -> str:
     model = make()
     try:
@@ -174,6 +201,7 @@ def main(rank: int, world: int, init: str, out: str) -> None:
         results: dict[str, object] = {layout: run_layout(layout, rank, world) for layout in LAYOUTS}
         results["mixed"] = run_mixed_precision(rank, world, root_too=False)
         results["mixed-bf16-streams"] = run_mixed_precision(rank, world, root_too=True)
+        results["revvit"] = run_registry_model(rank, world)
         results["errors"] = {
             name: error_of(make)
             for name, make in (

@@ -31,6 +31,13 @@ def test_parameters_after_several_steps_equal_one_process(results, layout):
         torch.testing.assert_close(got[name], p.detach(), rtol=1e-12, atol=1e-14, msg=name)
 
 
+def test_a_registry_model_with_every_stack_sharded_equals_one_process(results):
+    model = worker.build_vit()
+    worker.train_vit(model, rank=0, world=1)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(results["revvit"][name], p.detach(), rtol=1e-12, atol=1e-14)
+
+
 def test_one_branch_or_block_gathered_at_a_time(results):
     stack = worker.build()[1].stack
     nbytes = [sum(p.nbytes for p in m.parameters()) for m in stack]  # one block each
