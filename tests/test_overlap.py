@@ -7,7 +7,15 @@ import torch
 from torch import nn
 
 import torchrev
-from tests.helpers import F64, compare_with_plain, coupling_params, mlp, stack_of, streams
+from tests.helpers import (
+    F64,
+    assert_close_tensors,
+    compare_with_plain,
+    coupling_params,
+    mlp,
+    stack_of,
+    streams,
+)
 from tests.test_blocks import ThreeStreams
 
 
@@ -73,3 +81,20 @@ def test_retain_graph_and_a_second_backward():
     second = torch.autograd.grad(loss, [x1, x2])
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("depth", [3, 4])
+def test_training_through_the_inverse_matches_plain(depth):
+    def make(k):
+        return mlp(6, k, dropout=0.2)
+
+    stack = overlapped(stack_of(torchrev.AffineCoupling, depth, make=make))
+    y = streams(5, 6)
+    results = []
+    for reversible in (False, True):
+        stack.reversible = reversible
+        torch.manual_seed(1)
+        x1, x2 = stack.inverse(*y)
+        loss = (x1 * 0.5 + x2.tanh()).sum()
+        results.append(torch.autograd.grad(loss, [*y, *stack.parameters()]))
+    assert_close_tensors(results[1], results[0], 1e-10)
