@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> None:
         accuracy = ((model(test_times, test_coeffs) > 0).float() == test_y).float().mean().item()
     missing = x.isnan().any(-1).float().mean()
     print(f"test accuracy: {accuracy:.2%} ({missing:.0%} of the observations missing)")
+    args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / "neural_cde_irregular.png"
     plot(times, test_x, test_coeffs, test_y, losses, accuracy, out)
 

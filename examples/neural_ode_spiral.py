@@ -3,7 +3,7 @@
 Generates trajectories of a damped linear spiral (dy/dt = A y), fits an MLP vector field to
 them by backpropagating through 200 solver steps per trajectory with the reversible adjoint
 (memory constant in the number of steps, gradients equal to backpropagation), and plots the
-fit to ``spiral.png`` next to this script (or ``--out PATH``). Runs in about a minute on two
+fit to ``spiral.png`` next to this script (or in ``--out DIR``). Runs in about a minute on two
 CPU cores:
 
     python examples/neural_ode_spiral.py
@@ -40,7 +40,9 @@ class Field(nn.Module):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=300)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "spiral.png")
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).resolve().parent, help="folder for spiral.png"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     times = torch.linspace(0, 2.0, 21)
@@ -55,7 +57,8 @@ def main() -> None:
         optimizer.step()
         if i % 50 == 0 or i == args.iterations - 1:
             print(f"iteration {i:>4}  loss {loss.item():.5f}")
-    plot(field, times, args.out)
+    args.out.mkdir(parents=True, exist_ok=True)
+    plot(field, times, args.out / "spiral.png")
 
 
 def plot(field: Field, times: Tensor, out: Path) -> None:

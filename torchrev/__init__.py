@@ -19,6 +19,7 @@ from ._core.streams import Duplicate as Duplicate
 from ._core.streams import Mean as Mean
 from ._core.streams import ReversibleStage as ReversibleStage
 from ._core.streams import Split as Split
+from .cli.checkpoint import load_checkpoint as load_checkpoint
 from .convert import compare as compare
 from .convert import meft as meft
 from .convert import rewire as rewire

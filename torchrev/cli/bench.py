@@ -6,18 +6,23 @@ import argparse
 import csv
 import json
 import statistics
+import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..bench.memory import MiB, training_step_peak
 from ..bench.timing import interleaved_times, median_ratio, retain_freed_memory
-from ..models import create_model, model_info
+from ..models import create_model, list_models, model_info
 from ..models._base import AbstractReversibleModel
-from .checkpoint import CliError
+from .logs import finish
+from .options import HelpFormatter, add_out, positive_float, positive_int
+from .outdir import choose_out
 
 FORMS = ("reversible", "plain", "checkpoint")
+PRODUCES = ("bench.csv", "bench.json", "bench.png")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -31,36 +36,52 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "step time as a ratio to plain. Writes a table, bench.csv, bench.json and bench.png. "
             "With --budget-mib, also the largest input that fits the budget in each form."
         ),
+        formatter_class=HelpFormatter,
     )
-    parser.add_argument("--model", required=True, help="a registered model")
-    parser.add_argument("--depths", type=int, nargs="+", default=[2, 4, 8])
-    parser.add_argument("--batches", type=int, nargs="+", default=[2, 8])
+    parser.add_argument(
+        "--model", required=True, metavar="NAME",
+        help=f"a registered model: {', '.join(list_models())}",
+    )  # fmt: skip
+    parser.add_argument(
+        "--depths", type=positive_int, nargs="+", default=[2, 4, 8],
+        help="model depths (blocks per stage, transformer blocks or RevCol columns)",
+    )  # fmt: skip
+    parser.add_argument("--batches", type=positive_int, nargs="+", default=[2, 8])
     parser.add_argument("--full", action="store_true", help="full-size model (default: small)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--budget-mib", type=float, default=None)
-    parser.add_argument("--out", type=Path, default=Path("runs/bench"))
-    parser.set_defaults(run=run)
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timing rounds")
+    parser.add_argument(
+        "--budget-mib", type=positive_float, default=None,
+        help="also find the largest input side whose training step fits this many MiB",
+    )  # fmt: skip
+    add_out(parser, "runs/bench")
+    parser.set_defaults(run=run, interrupted="nothing was written")
 
 
 def run(args: argparse.Namespace) -> int:
-    info = model_info(args.model)
-    if min(args.depths) < 1 or min(args.batches) < 1 or args.repeats < 1:
-        raise CliError("--depths, --batches and --repeats must be positive")
+    info = model_info(args.model)  # unknown names raise before any work
     base = {} if args.full else dict(info.small)
+    out = choose_out(args.out, Path("runs/bench"), PRODUCES, overwrite=args.overwrite)
     retain_freed_memory()  # time compute, not page faults (see torchrev.bench.timing)
     rows = []
-    for depth in args.depths:
+    points = [(d, b) for d in args.depths for b in args.batches]
+    for depth, batch in _progress(points, f"bench {args.model}"):
         model = create_model(args.model, **{**base, **info.depth(depth)})
-        for batch in args.batches:
-            rows += _measure(model, depth, batch, args.repeats)
-    args.out.mkdir(parents=True, exist_ok=True)
+        rows += _measure(model, depth, batch, args.repeats)
     if args.budget_mib is not None:
         deepest = {**base, **info.depth(max(args.depths))}
         rows += _largest_inputs(args.model, deepest, args.budget_mib)
-    _write(rows, args.out)
+    title = f"torchrev bench: {args.model} ({'full size' if args.full else 'small'})"
+    _write(rows, out, title)
     print(_table(rows))
-    print(f"results in {args.out}")
+    print(f"results ({', '.join(PRODUCES)}) in {out}")
     return 0
+
+
+def _progress(items: list, desc: str) -> Any:
+
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, leave=False, file=sys.stderr, disable=None)
 
 
 def _set_form(model: AbstractReversibleModel, form: str) -> None:
@@ -104,7 +125,7 @@ def _largest_inputs(name: str, base: dict, budget_mib: float) -> list[dict]:
     key = "volume" if info.task == "segmentation" else "image_size"
     unit = create_model(name, **base).input_multiple
     rows = []
-    for form in ("reversible", "plain"):
+    for form in _progress(["reversible", "plain"], f"largest input within {budget_mib} MiB"):
         side, fits = unit, 0
         while side <= 64 * unit:
             model = create_model(name, **{**base, key: side})
@@ -139,30 +160,36 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _write(rows: list[dict], out: Path) -> None:
+def _write(rows: list[dict], out: Path, title: str) -> None:
     (out / "bench.json").write_text(json.dumps(rows, indent=1))
     fields = sorted({k for r in rows for k in r})
     with open(out / "bench.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
+    _plot([r for r in rows if "live_mib" in r], out / "bench.png", title)
+
+
+def _plot(rows: list[dict], path: Path, title: str) -> None:
+    """Activation memory (left) and step time over plain autograd's (right) against depth."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, (memory, time) = plt.subplots(1, 2, figsize=(10, 4))
     for form in FORMS:
-        for batch in sorted({r["batch"] for r in rows if "batch" in r}):
-            points = [
-                (r["depth"], r["live_mib"])
+        for batch in sorted({r["batch"] for r in rows}):
+            points = sorted(
+                (r["depth"], r["live_mib"], r["time_ratio"])
                 for r in rows
-                if r.get("form") == form and r.get("batch") == batch and "live_mib" in r
-            ]
-            ax.plot(*zip(*points), marker="o", label=f"{form}, batch {batch}")
-    ax.set_xlabel("depth")
-    ax.set_ylabel("activation MiB (peak beyond parameters and gradients)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "bench.png", dpi=120)
-    plt.close(fig)
+                if r["form"] == form and r["batch"] == batch
+            )
+            depths, mib, ratio = zip(*points)
+            memory.plot(depths, mib, marker="o", label=f"{form}, batch {batch}")
+            time.plot(depths, ratio, marker="o", label=f"{form}, batch {batch}")
+    memory.set(
+        xlabel="depth", ylabel="MiB", title="training-step activation memory\n(beyond weights)"
+    )
+    time.set(xlabel="depth", ylabel="time / plain autograd's", title="training-step time")
+    finish(fig, title, path, legend_size=7)

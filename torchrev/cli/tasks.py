@@ -1,67 +1,163 @@
-"""The data the command line trains on, per task: real digits, generated 3D shapes."""
+"""The data `torchrev train` learns from, per task, with its loss, augmentation and scores.
+
+Classification: scikit-learn's digits (real, bundled). Segmentation: generated 3D volumes of
+spheres and cubes. Each task comes with a validation set carved from its training data: the
+best checkpoint is chosen on it, so the test set only ever reports.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..data import load_digits, make_shapes3d
+
+#: Keyword arguments that fit a registered model to each task's data.
+MODEL_KWARGS: dict[str, dict[str, Any]] = {
+    "classification": {"in_chans": 1, "num_classes": 10, "image_size": 8},
+    "segmentation": {"in_chans": 1, "num_classes": 3, "volume": 16},
+}
 
 
 @dataclass(frozen=True)
 class TaskData:
-    """Train and test tensors, the keyword arguments that fit a model to them, the metric."""
+    """Train, validation and test tensors, the class names and the headline metric."""
 
     name: str
+    task: str
     x_train: Tensor
     y_train: Tensor
+    x_val: Tensor
+    y_val: Tensor
     x_test: Tensor
     y_test: Tensor
-    model_kwargs: dict[str, Any]
-    metric: str
+    classes: tuple[str, ...]
 
-    def score(self, logits: Tensor, labels: Tensor) -> float:
-        """Accuracy for classification; mean Dice over the foreground classes for segmentation."""
-        predicted = logits.argmax(dim=1)
-        if self.metric == "accuracy":
-            return (predicted == labels).float().mean().item()
-        classes = range(1, logits.shape[1])
-        dice = []
-        for c in classes:
-            p, t = predicted == c, labels == c
-            denominator = (p.sum() + t.sum()).item()
-            dice.append(1.0 if denominator == 0 else 2 * (p & t).sum().item() / denominator)
-        return sum(dice) / len(dice)
+    @property
+    def metric(self) -> str:
+        """``accuracy`` for classification; ``dice``, the mean over foreground classes."""
+        return "accuracy" if self.task == "classification" else "dice"
+
+    def scorer(self) -> Scorer:
+        return Scorer(self.task, self.classes)
 
 
 def load_task(task: str) -> TaskData:
+    """The data set of ``task`` (``classification`` or ``segmentation``), split three ways."""
     if task == "classification":
-        x_train, y_train, x_test, y_test = load_digits()
-        kwargs = {"in_chans": 1, "num_classes": 10, "image_size": 8}
+        x, y, x_test, y_test = load_digits()
+        n_val = len(y) // 10  # 143 of the 1,438 training images
+        names = tuple(str(d) for d in range(10))
         return TaskData(
-            "digits (scikit-learn)", x_train, y_train, x_test, y_test, kwargs, "accuracy"
+            "digits (scikit-learn)", task, x[n_val:], y[n_val:], x[:n_val], y[:n_val],
+            x_test, y_test, names,
+        )  # fmt: skip
+    if task == "segmentation":
+        side = MODEL_KWARGS[task]["volume"]
+        x, y = make_shapes3d(192, side, seed=0)
+        x_val, y_val = make_shapes3d(32, side, seed=1)
+        x_test, y_test = make_shapes3d(64, side, seed=2)
+        names = ("background", "sphere", "cube")
+        return TaskData("shapes3d (generated)", task, x, y, x_val, y_val, x_test, y_test, names)
+    raise ValueError(f"unknown task {task!r}; torchrev train knows classification, segmentation")
+
+
+def augment(x: Tensor, y: Tensor, shift: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Random translations of up to ``shift`` pixels (images, filled with the background
+    value), or random flips along each axis (volumes: the shapes are symmetric)."""
+    if x.dim() == 5:
+        for axis in (2, 3, 4):
+            flip = torch.rand(len(x), generator=generator) < 0.5
+            x[flip] = x[flip].flip(axis)
+            y[flip] = y[flip].flip(axis - 1)
+        return x, y
+    if shift == 0:
+        return x, y
+    n, _, h, w = x.shape
+    padded = nn.functional.pad(x, (shift,) * 4, value=float(x.min()))
+    dy, dx = torch.randint(0, 2 * shift + 1, (2, n), generator=generator).tolist()
+    out = torch.stack([padded[i, :, a : a + h, b : b + w] for i, (a, b) in enumerate(zip(dy, dx))])
+    return out, y
+
+
+def loss_function(task: str, label_smoothing: float):
+    """Cross-entropy for classification; cross-entropy plus soft Dice for segmentation (the
+    nnU-Net loss: Dice keeps small foreground classes from drowning in background)."""
+    if task == "classification":
+        return lambda logits, y: nn.functional.cross_entropy(
+            logits, y, label_smoothing=label_smoothing
         )
-    side = 16
-    x_train, y_train = make_shapes3d(96, side, seed=0)
-    x_test, y_test = make_shapes3d(32, side, seed=1)
-    kwargs = {"in_chans": 1, "num_classes": 3, "volume": side}
-    return TaskData("shapes3d (generated)", x_train, y_train, x_test, y_test, kwargs, "dice")
+
+    def ce_dice(logits: Tensor, y: Tensor) -> Tensor:
+        ce = nn.functional.cross_entropy(logits, y)
+        probs = logits.softmax(1)[:, 1:]
+        onehot = nn.functional.one_hot(y, logits.shape[1]).movedim(-1, 1)[:, 1:].to(probs)
+        dims = (0, *range(2, logits.dim()))
+        overlap = (probs * onehot).sum(dims)
+        dice = (2 * overlap + 1) / (probs.sum(dims) + onehot.sum(dims) + 1)
+        return ce + (1 - dice).mean()
+
+    return ce_dice
+
+
+class Scorer:
+    """Accumulates predictions batch by batch: accuracy, or Dice per foreground class over
+    the whole set (twice the overlap over the sum of sizes; 1 if a class is absent from both)."""
+
+    def __init__(self, task: str, classes: tuple[str, ...]) -> None:
+        self.task, self.classes = task, classes
+        self.correct = self.seen = 0
+        k = len(classes)
+        self.overlap, self.predicted, self.actual = [0] * k, [0] * k, [0] * k
+
+    def update(self, logits: Tensor, labels: Tensor) -> None:
+        predicted = logits.argmax(dim=1)
+        self.correct += (predicted == labels).sum().item()
+        self.seen += labels.numel()
+        if self.task == "segmentation":
+            for c in range(1, len(self.classes)):
+                p, t = predicted == c, labels == c
+                self.overlap[c] += (p & t).sum().item()
+                self.predicted[c] += p.sum().item()
+                self.actual[c] += t.sum().item()
+
+    def merged(self, total: Callable[[list[float]], list[float]]) -> Scorer:
+        """This scorer with its counts replaced by ``total(counts)`` (their sum over the
+        processes of a multi-process run)."""
+        counts = total([self.correct, self.seen, *self.overlap, *self.predicted, *self.actual])
+        k = len(self.classes)
+        ints = [round(c) for c in counts]
+        self.correct, self.seen = ints[0], ints[1]
+        self.overlap, self.predicted, self.actual = (
+            ints[2 : 2 + k],
+            ints[2 + k : 2 + 2 * k],
+            ints[2 + 2 * k :],
+        )
+        return self
+
+    def result(self) -> dict[str, float]:
+        if self.task == "classification":
+            return {"accuracy": self.correct / max(self.seen, 1)}
+        per_class = {}
+        for c in range(1, len(self.classes)):
+            total = self.predicted[c] + self.actual[c]
+            dice = 1.0 if total == 0 else 2 * self.overlap[c] / total
+            per_class[f"dice_{self.classes[c]}"] = dice
+        return {"dice": sum(per_class.values()) / len(per_class), **per_class}
 
 
 def evaluate(
-    model: torch.nn.Module, data: TaskData, batch_size: int, device: torch.device
-) -> float:
-    """The metric on the test set, in eval mode, batch by batch."""
+    model: nn.Module, data: TaskData, x: Tensor, y: Tensor, batch_size: int, device: torch.device
+) -> dict[str, float]:
+    """Scores of ``model`` on ``(x, y)`` in eval mode, batch by batch."""
     model.eval()
+    scorer = data.scorer()
     with torch.no_grad():
-        logits = torch.cat(
-            [
-                model(data.x_test[i : i + batch_size].to(device)).cpu()
-                for i in range(0, len(data.x_test), batch_size)
-            ]
-        )
+        for i in range(0, len(x), batch_size):
+            scorer.update(model(x[i : i + batch_size].to(device)).cpu(), y[i : i + batch_size])
     model.train()
-    return data.score(logits, data.y_test)
+    return scorer.result()

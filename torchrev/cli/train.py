@@ -1,38 +1,47 @@
-"""`torchrev train`: train a registered model on a small real (or generated) data set."""
+"""`torchrev train`: train a registered model on a small real (or generated) data set.
+
+Each model trains with its own recipe (``recipes.py``); every epoch writes ``metrics.csv``,
+``curves.png`` and ``last.safetensors``, and ``best.safetensors`` whenever the validation
+score improves; the end reports the test score of both and the training step's memory next
+to the same model under plain autograd. Under torchrun the run spans several processes
+(``distributed.py``); FSDP runs write sharded ``last.dcp`` and ``best.dcp`` folders instead.
+"""
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import math
-import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..bench.memory import step_memory
-from ..models import create_model, model_info
-from . import checkpoint
-from .checkpoint import CliError
-from .tasks import TaskData, evaluate, load_task
+from ..models import list_models, model_info
+from . import checkpoint, distributed, settings
+from .checkpoint import BEST, BEST_SHARDED, LAST, LAST_SHARDED, Checkpoint
+from .distributed import STRATEGIES, Processes, unwrap
+from .errors import CliError, Interrupted
+from .logs import CURVES, METRICS, TENSORBOARD, RunLog
+from .loop import RunConfig, step_peak, train_epoch
+from .options import (
+    HelpFormatter,
+    add_out,
+    keyword,
+    nonnegative_float,
+    positive_float,
+    positive_int,
+)
+from .outdir import choose_out
+from .recipes import recipes_help
+from .tasks import TaskData, evaluate, load_task, loss_function
 
-CHECKPOINT = "checkpoint.safetensors"
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """What determines a run's result; saved with every checkpoint and reused on resume."""
-
-    model: str
-    epochs: int
-    batch_size: int
-    lr: float
-    weight_decay: float
-    seed: int
+SUMMARY = "metrics.json"
+PRODUCES = (
+    LAST, BEST, f"{LAST_SHARDED}/", f"{BEST_SHARDED}/", METRICS, CURVES, SUMMARY, TENSORBOARD
+)  # fmt: skip
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -40,198 +49,286 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "train",
         help="train a reversible model (default: RevNet-38 on scikit-learn's digits)",
         description=(
-            "Train a registered model with AdamW and a cosine schedule, report test accuracy "
-            "(Dice for segmentation) and the training step's peak memory next to the same model "
-            "with reversible=False, and checkpoint every epoch."
+            "Train a registered model on a small real (or generated) data set with its own "
+            "recipe (AdamW, warmup and cosine decay, augmentation). Every epoch writes "
+            f"{METRICS}, {CURVES} and {LAST}, and {BEST} when the validation score improves; "
+            "the end reports both checkpoints' test scores and the training step's memory "
+            "against the same model under plain autograd. Load a checkpoint with "
+            "torchrev.load_checkpoint(path)."
         ),
+        epilog=recipes_help(),
+        formatter_class=HelpFormatter,
     )
-    parser.add_argument("--model", default=None, help="a registered model (default: revnet38)")
-    parser.add_argument("--epochs", type=_positive, default=None, help="total epochs (default 15)")
-    parser.add_argument("--batch-size", type=_positive, default=64)
-    parser.add_argument("--lr", type=_positive_float, default=3e-3)
-    parser.add_argument("--weight-decay", type=float, default=5e-4)
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None, help="run folder (default runs/MODEL)")
     parser.add_argument(
-        "--resume",
-        type=Path,
-        default=None,
-        metavar="CHECKPOINT",
-        help=f"continue a run from its {CHECKPOINT}; its settings are reused",
-    )
-    parser.set_defaults(run=run)
+        "--model", default=None, metavar="NAME",
+        help=f"a registered model: {', '.join(list_models())} (default: revnet38)",
+    )  # fmt: skip
+    recipe_default = "(default: the model's recipe, listed below)"
+    parser.add_argument("--epochs", type=positive_int, help=f"total epochs {recipe_default}")
+    parser.add_argument("--batch-size", type=positive_int, help=recipe_default)
+    parser.add_argument("--lr", type=positive_float, help=f"peak learning rate {recipe_default}")
+    parser.add_argument("--weight-decay", type=nonnegative_float, help=recipe_default)
+    parser.add_argument(
+        "--model-kwargs", type=keyword, nargs="+", action="extend", default=[],
+        metavar="KEY=VALUE",
+        help="override the model's settings, e.g. depth=4 dim=64 (Python literals)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto",
+        help="where to train; auto picks CUDA when there is a GPU",
+    )  # fmt: skip
+    parser.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
+    add_out(parser, "runs/MODEL")
+    parser.add_argument(
+        "--resume", type=Path, default=None, metavar="RUN",
+        help=f"continue a run (its folder, {LAST} or {LAST_SHARDED}) in its folder, with its "
+        f"settings; "
+        f"--epochs may extend it",
+    )  # fmt: skip
+    parser.add_argument(
+        "--tensorboard", action="store_true",
+        help="also log to OUT/tensorboard (needs the tensorboard package)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--stop-after", type=positive_int, default=None, metavar="EPOCH",
+        help="stop after this epoch (the schedule still spans --epochs); --resume continues",
+    )  # fmt: skip
+    parser.add_argument(
+        "--strategy", choices=STRATEGIES, default=None,
+        help="under torchrun: DistributedDataParallel or FSDP2 (sharded parameters, optimizer "
+        "state and checkpoints) (default: ddp under torchrun)",
+    )  # fmt: skip
+    parser.set_defaults(run=run, interrupted="no epoch had finished")
 
 
 def run(args: argparse.Namespace) -> int:
-    device = _device(args.device)
-    tensors, state = checkpoint.load(args.resume) if args.resume else (None, None)
-    config = _config(args, state)
-    info = model_info(config.model)  # unknown names fail here, before anything is written
-    out = args.out or (args.resume.parent if args.resume else Path("runs") / config.model)
-    data = load_task(info.task)
+    """Check everything, join the processes (under torchrun), train, report."""
+    resumed = checkpoint.read(args.resume) if args.resume else None
+    if resumed:
+        checkpoint.require_resumable(resumed)
+    strategy = settings.resume_strategy(args, resumed)
+    distributed.check_strategy(strategy)
+    device = settings.device(args.device)
+    config = settings.run_config(args, resumed)
+    done = resumed.document["epoch"] if resumed else 0
+    if args.stop_after is not None and not done < args.stop_after < config.epochs:
+        raise CliError(
+            f"--stop-after {args.stop_after} must be below --epochs {config.epochs} and above "
+            f"the epochs already trained ({done})"
+        )
+    folder = settings.resume_out(args, resumed, config.epochs) if resumed else None
     torch.manual_seed(config.seed)
-    model = create_model(config.model, **data.model_kwargs).to(device)
+    model = settings.build(config.model, config.model_kwargs)  # bad --model-kwargs fail here
+    processes, device = distributed.setup(strategy, device)
+    try:
+        return _run(args, config, model, resumed, folder, processes, device)
+    finally:
+        distributed.teardown(processes)
+
+
+def _run(
+    args: argparse.Namespace,
+    config: RunConfig,
+    model: nn.Module,
+    resumed: Checkpoint | None,
+    folder: Path | None,
+    processes: Processes,
+    device: torch.device,
+) -> int:
+    say = print if processes.main else _silent
+    model = distributed.wrap(model.to(device), processes, device)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
-    history: list[dict] = []
-    start = 0
-    if tensors is not None and state is not None:
-        checkpoint.restore(tensors, state, model, optimizer)
-        start, history = state["epoch"], state["history"]
-    out.mkdir(parents=True, exist_ok=True)
-    print(
-        f"training {config.model} on {data.name} ({len(data.y_train)} train, "
-        f"{len(data.y_test)} test) on {device}, epochs {start + 1}..{config.epochs}"
+    state: dict[str, Any] = {"epoch": 0, "history": [], "best": None, "wall_seconds": 0.0}
+    if resumed:
+        _restore(resumed, model, optimizer)
+        state, out = {k: resumed.document[k] for k in state}, folder
+    else:
+        hint = ", or --resume it if it is unfinished" if args.out else ""
+        default = Path("runs") / config.model
+        out = distributed.on_main(
+            lambda: choose_out(args.out, default, PRODUCES, overwrite=args.overwrite, hint=hint),
+            processes,
+        )
+    data = load_task(model_info(config.model).task)
+    title = f"{config.model} on {data.name}"
+    log = RunLog(out, title, data.metric, args.tensorboard) if processes.main else None
+    document = {"model": config.model, "model_kwargs": config.model_kwargs,
+                "config": asdict(config), "strategy": processes.strategy}  # fmt: skip
+    shards = f", {processes.world} processes ({processes.strategy})" if processes.world > 1 else ""
+    say(
+        f"training {title} ({len(data.y_train)} train, {len(data.y_val)} validation, "
+        f"{len(data.y_test)} test) on {device}{shards}, epochs {state['epoch'] + 1}.."
+        f"{config.epochs}, output in {out}",
+        flush=True,
     )
-    began = time.perf_counter() - (state or {}).get("wall_seconds", 0.0)
-    for epoch in range(start, config.epochs):
-        loss, accuracy = _train_epoch(model, optimizer, data, config, epoch, device)
-        score = evaluate(model, data, 256, device)
-        history.append(
-            {
-                "epoch": epoch + 1,
-                "loss": loss,
-                "train_accuracy": accuracy,
-                f"test_{data.metric}": score,
-            }
-        )
-        print(
-            f"epoch {epoch + 1:>3}/{config.epochs}  loss {loss:.4f}  train accuracy "
-            f"{accuracy:.2%}  test {data.metric} {score:.2%}",
-            flush=True,
-        )
-        elapsed = time.perf_counter() - began
-        checkpoint.save(
-            out / CHECKPOINT,
-            model,
-            optimizer,
-            {
-                "model": config.model,
-                "epoch": epoch + 1,
-                "config": asdict(config),
-                "history": history,
-                "wall_seconds": elapsed,
-            },
-        )
-    metrics = _report(model, data, config, device, time.perf_counter() - began)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    print(f"metrics and checkpoint in {out}")
+    fit = _Fit(model, optimizer, data, config, device, out, log, document, processes)
+    stop = args.stop_after or config.epochs
+    try:
+        fit(state, stop)
+    except KeyboardInterrupt:
+        raise Interrupted(_interrupted(out, state["epoch"])) from None
+    finally:
+        if log is not None:
+            log.close()
+    if state["epoch"] < config.epochs:
+        say(f"stopped after epoch {state['epoch']} of {config.epochs}; "
+            f"`torchrev train --resume {out}` continues the run")  # fmt: skip
+        return 0
+    summary = _report(model, data, config, state, device, out, processes)
+    if processes.main:
+        (out / SUMMARY).write_text(json.dumps(summary, indent=1))
+    kinds = (BEST_SHARDED, LAST_SHARDED) if processes.sharded else (BEST, LAST)
+    say(f"checkpoints ({', '.join(kinds)}), {METRICS}, {CURVES} and {SUMMARY} in {out}")
     return 0
 
 
-def _train_epoch(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    data: TaskData,
-    config: RunConfig,
-    epoch: int,
-    device: torch.device,
-) -> tuple[float, float]:
-    """Mean loss and accuracy (per voxel for segmentation) of one epoch, in a fixed order
-    (seeded by seed and epoch) so that resumed runs match."""
-    from tqdm import tqdm
+def _restore(resumed: Checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Weights, optimizer state and RNG of the checkpoint a run resumes from."""
+    if resumed.tensors is None:
+        from . import sharded
 
-    n = len(data.y_train)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
-    steps = math.ceil(n / config.batch_size)
-    total = config.epochs * steps
-    losses, correct, seen = [], 0, 0
-    bar = tqdm(range(steps), desc=f"epoch {epoch + 1}", leave=False, file=sys.stderr, disable=None)
-    for i in bar:
-        index = order[i * config.batch_size : (i + 1) * config.batch_size]
-        x, y = data.x_train[index].to(device), data.y_train[index].to(device)
-        lr = 0.5 * config.lr * (1 + math.cos(math.pi * (epoch * steps + i) / total))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        logits = model(x)
-        loss = nn.functional.cross_entropy(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-        correct += (logits.argmax(dim=1) == y).sum().item()
-        seen += y.numel()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    return sum(losses) / len(losses), correct / seen
+        sharded.load(resumed.path, model, optimizer)
+        return
+    checkpoint.load_weights(unwrap(model), resumed.tensors, resumed.path)
+    checkpoint.restore(resumed, optimizer)
+
+
+class _Fit:
+    """The epochs of a run: train, validate, checkpoint (``last`` every epoch, ``best`` when
+    the validation score improves) and log."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        data: TaskData,
+        config: RunConfig,
+        device: torch.device,
+        out: Path,
+        log: RunLog | None,
+        document: dict[str, Any],
+        processes: Processes,
+    ) -> None:
+        self.model, self.optimizer, self.data, self.config = model, optimizer, data, config
+        self.device, self.out, self.log, self.document = device, out, log, document
+        self.processes = processes
+
+    def __call__(self, state: dict[str, Any], stop: int) -> None:
+        """Train from ``state['epoch']`` to epoch ``stop``, updating ``state`` each epoch."""
+        data, config, processes = self.data, self.config, self.processes
+        loss_fn = loss_function(data.task, config.label_smoothing)
+        began = time.perf_counter() - state["wall_seconds"]
+        for epoch in range(state["epoch"], stop):
+            started = time.perf_counter()
+            scores = train_epoch(self.model, self.optimizer, data, config, epoch, loss_fn,
+                                 self.device, processes)  # fmt: skip
+            distributed.sync_buffers(self.model, processes)
+            row: dict[str, Any] = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"]}
+            row |= scores
+            val = evaluate(unwrap(self.model), data, data.x_val, data.y_val, 64, self.device)
+            row |= {f"val_{k}": v for k, v in val.items()}
+            row["seconds"] = time.perf_counter() - started
+            done = {"epoch": epoch + 1, "history": [*state["history"], row],
+                    "best": state["best"], "wall_seconds": time.perf_counter() - began}  # fmt: skip
+            if distributed.agree(
+                done["best"] is None or val[data.metric] > done["best"]["score"], processes
+            ):
+                done["best"] = {"epoch": epoch + 1, "score": val[data.metric]}
+                self.save("best", None, done)
+            self.save("last", self.optimizer, done)
+            state.update(done)  # only now: an interruption while saving keeps the last epoch
+            if self.log is not None:
+                self.log.epoch(state["history"])
+                print(_epoch_line(row, data, config.epochs), flush=True)
+
+    def save(self, kind: str, optimizer: torch.optim.Optimizer | None, state: dict) -> None:
+        document = {**self.document, **state}
+        if self.processes.sharded:
+            folder = self.out / f"{kind}.dcp"
+            checkpoint.save_sharded(folder, self.model, optimizer, document, self.processes.main)
+        elif self.processes.main:
+            path = self.out / f"{kind}.safetensors"
+            checkpoint.save(path, unwrap(self.model), optimizer, document)
+
+
+def _epoch_line(row: dict[str, Any], data: TaskData, epochs: int) -> str:
+    metric = data.metric
+    text = (
+        f"epoch {row['epoch']:>3}/{epochs}  loss {row['train_loss']:.4f}  "
+        f"train {metric} {row[f'train_{metric}']:.2%}  val {metric} {row[f'val_{metric}']:.2%}"
+    )
+    return text + _per_class(row, "val_", data) + f"  {row['seconds']:.1f} s"
+
+
+def _per_class(scores: dict[str, Any], prefix: str, data: TaskData) -> str:
+    if data.task != "segmentation":
+        return ""
+    parts = [f"{c} {scores[f'{prefix}dice_{c}']:.2%}" for c in data.classes[1:]]
+    return f" ({', '.join(parts)})"
 
 
 def _report(
-    model: nn.Module, data: TaskData, config: RunConfig, device: torch.device, wall: float
-) -> dict:
-    score = evaluate(model, data, 256, device)
-    x = data.x_train[: config.batch_size].to(device)
-    y = data.y_train[: config.batch_size].to(device)
-    reversible = _step_peak(model, x, y, True)
-    plain = _step_peak(model, x, y, False)
-    print(f"test {data.metric}: {score:.2%}")
+    model: nn.Module,
+    data: TaskData,
+    config: RunConfig,
+    state: dict[str, Any],
+    device: torch.device,
+    out: Path,
+    processes: Processes,
+) -> dict[str, Any]:
+    """Test scores of the best and last checkpoints, step memory and time, printed."""
+    last = evaluate(unwrap(model), data, data.x_test, data.y_test, 64, device)
+    if not processes.main:
+        return {}
+    best_path = out / (BEST_SHARDED if processes.sharded else BEST)
+    best_model = checkpoint.load_checkpoint(best_path, device)
+    best = evaluate(best_model, data, data.x_test, data.y_test, 64, device)
+    metric, best_epoch = data.metric, state["best"]["epoch"]
     print(
-        f"training step peak memory (batch {len(x)}): reversible {reversible:.2f} MiB, "
-        f"plain autograd {plain:.2f} MiB ({plain / reversible:.1f}x)"
+        f"test {metric}: {best[metric]:.2%}{_per_class(best, '', data)} (best checkpoint, "
+        f"epoch {best_epoch} by validation {metric}); last epoch {last[metric]:.2%}"
     )
-    print(f"wall time: {wall:.1f} s")
+    memory = _memory(best_model, data, config, device) if processes.world == 1 else {}
+    print(f"wall time: {state['wall_seconds']:.1f} s")
     return {
         "model": config.model,
         "data": data.name,
         "epochs": config.epochs,
-        f"test_{data.metric}": score,
-        "peak_mib_reversible": reversible,
-        "peak_mib_plain": plain,
-        "wall_seconds": wall,
+        "best_epoch": best_epoch,
+        **{f"test_{k}": v for k, v in best.items()},
+        **{f"last_test_{k}": v for k, v in last.items()},
+        **memory,
+        "wall_seconds": state["wall_seconds"],
         "device": str(device),
+        "processes": processes.world,
+        "strategy": processes.strategy,
     }
 
 
-def _step_peak(model: nn.Module, x: torch.Tensor, y: torch.Tensor, reversible: bool) -> float:
-    """MiB of one training step beyond parameters and gradients (CUDA's allocator peak on a
-    GPU, the deterministic count on a CPU), measured on a copy."""
-    model = copy.deepcopy(model)
-    model.reversible = reversible  # type: ignore[assignment]
-
-    def step() -> None:
-        nn.functional.cross_entropy(model(x), y).backward()
-
-    memory = step_memory(step, model)
-    return memory.get("cuda_mib", memory["live_mib"])
-
-
-def _config(args: argparse.Namespace, state: dict | None) -> RunConfig:
-    if state is None:
-        return RunConfig(
-            model=args.model or "revnet38",
-            epochs=args.epochs or 15,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            weight_decay=args.weight_decay,
-            seed=args.seed,
-        )
-    saved = RunConfig(**state["config"])
-    if args.model is not None and args.model != saved.model:
-        raise CliError(
-            f"cannot resume: {args.resume} is a {saved.model!r} run, not {args.model!r}; drop "
-            f"--model or choose another --out"
-        )
-    return RunConfig(**{**asdict(saved), "epochs": args.epochs or saved.epochs})
+def _memory(
+    model: nn.Module, data: TaskData, config: RunConfig, device: torch.device
+) -> dict[str, float]:
+    """Peak MiB of a training step, reversible and under plain autograd, printed."""
+    loss_fn = loss_function(data.task, config.label_smoothing)
+    x = data.x_train[: config.batch_size].to(device)
+    y = data.y_train[: config.batch_size].to(device)
+    model.train()
+    reversible = step_peak(model, x, y, loss_fn, True)
+    plain = step_peak(model, x, y, loss_fn, False)
+    print(
+        f"training step peak memory (batch {len(x)}): reversible {reversible:.2f} MiB, "
+        f"plain autograd {plain:.2f} MiB ({plain / reversible:.1f}x)"
+    )
+    return {"peak_mib_reversible": reversible, "peak_mib_plain": plain}
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise CliError("--device cuda: no CUDA device is available; use --device cpu")
-    return torch.device(name)
+def _interrupted(out: Path, done: int) -> str:
+    if done == 0:
+        return f"interrupted in the first epoch; nothing to resume in {out}"
+    return f"interrupted after epoch {done}; `torchrev train --resume {out}` continues the run"
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
+def _silent(*args: object, **kwargs: object) -> None:
+    """``print`` on the processes other than rank 0."""

@@ -13,9 +13,10 @@ def make_shapes3d(
 ) -> tuple[Tensor, Tensor]:
     """``(volumes, labels)``: (n, 1, side, side, side) floats and (n, side, side, side) classes.
 
-    Each volume holds ``shapes`` objects, spheres and cubes at random places and sizes, all of
-    the same brightness on a noisy background, so only their shape tells them apart: labels
-    are 0 background, 1 sphere, 2 cube (a later object covers an earlier one).
+    Each volume holds ``shapes`` objects, spheres and cubes at random places and sizes (radius
+    or half-side between side/8 and side/4, the cube's a little smaller, for similar volumes),
+    all of the same brightness on a noisy background, so only their shape tells them apart:
+    labels are 0 background, 1 sphere, 2 cube (a later object covers an earlier one).
     """
     if side < 8:
         raise ValueError(f"make_shapes3d needs side >= 8 to fit its objects, got {side}.")
@@ -25,7 +26,7 @@ def make_shapes3d(
     labels = torch.zeros(n, side, side, side, dtype=torch.long)
     for i in range(n):
         for _ in range(shapes):
-            radius = float(torch.empty(1).uniform_(side / 10, side / 5, generator=gen))
+            radius = float(torch.empty(1).uniform_(side / 8, side / 4, generator=gen))
             center = torch.empty(3, 1, 1, 1).uniform_(radius, side - 1 - radius, generator=gen)
             offset = (grid - center).abs()
             if torch.rand(1, generator=gen).item() < 0.5:
