@@ -43,7 +43,7 @@ _REVCOL = Recipe(
 _UNET = Recipe(
     15, 4, 1e-2, 1e-4, warmup_epochs=1,
     model_kwargs={"width": 8, "levels": 3, "blocks": 1},
-    note="test Dice ~0.89 (sphere, cube)",
+    note="test Dice ~0.89 (sphere 0.88, cube 0.91)",
 )  # fmt: skip
 
 RECIPES: dict[str, Recipe] = {

@@ -65,9 +65,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     recipe_default = "(default: the model's recipe, listed below)"
     parser.add_argument("--epochs", type=positive_int, help=f"total epochs {recipe_default}")
-    parser.add_argument("--batch-size", type=positive_int, help=recipe_default)
+    parser.add_argument(
+        "--batch-size", type=positive_int,
+        help=f"examples per step, over all processes under torchrun {recipe_default}",
+    )  # fmt: skip
     parser.add_argument("--lr", type=positive_float, help=f"peak learning rate {recipe_default}")
-    parser.add_argument("--weight-decay", type=nonnegative_float, help=recipe_default)
+    parser.add_argument(
+        "--weight-decay", type=nonnegative_float, help=f"AdamW's weight decay {recipe_default}"
+    )
     parser.add_argument(
         "--model-kwargs", type=keyword, nargs="+", action="extend", default=[],
         metavar="KEY=VALUE",
