@@ -100,7 +100,14 @@ def test_neural_ode_example_runs(tmp_path, monkeypatch):
 
 def test_convert_benchmark_quick(tmp_path):
     args = ["--seq", "16", "--batch", "1", "--image-batch", "1", "--out", str(tmp_path)]
-    load("convert").main([*args, "--minilm-seq", "64", "--minilm-batch", "2"])
+    decoders = ["--decoder-layers", "2", "--time-layers", "2", "--all-methods-layers", "2"]
+    decoders += ["--decoder-seq", "16", "--decoder-repeats", "2"]
+    decoders += ["--long-seq", "32", "--long-layers", "2", "--width", "64", "--no-gpt2"]
+    load("convert").main([*args, "--minilm-seq", "64", "--minilm-batch", "2", *decoders])
+    rows = json.loads((tmp_path / "convert-decoders-cpu.json").read_text())["rows"]
+    assert {r["seq"] for r in rows} == {16, 32} and all(r["layers_mib"] > 0 for r in rows)
+    timed = [r for r in rows if "time_vs_checkpointing" in r]
+    assert len(timed) == 5 and all(r["trainable_parameters"] > 0 for r in timed)
     rows = json.loads((tmp_path / "convert-cpu.json").read_text())["rows"]
     meft = next(r for r in rows if r["method"].startswith("MEFT1, 12"))
     assert meft["vs_full"] < 1

@@ -10,6 +10,7 @@ from torch import nn
 
 import torchrev
 from tests.helpers import assert_close_tensors
+from tests.tiny_models import BasicBlock, tiny_resnet, tiny_vit
 from torchrev.bench import training_step_peak
 from torchrev.convert import adapter_state_dict, load_adapters, meft_stage
 
@@ -220,115 +221,6 @@ def test_meft_bad_input():
 
 
 # --- Re2TAL rewiring -----------------------------------------------------------------------
-
-
-class BasicBlock(nn.Module):
-    """torchvision's BasicBlock, by structure."""
-
-    def __init__(self, cin, cout, stride=1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU()
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
-            )
-
-    def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
-        return self.relu(out + identity)
-
-
-class TimmBlock(nn.Module):
-    """timm's pre-norm ViT Block, by structure."""
-
-    def __init__(self, dim):
-        super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = nn.Sequential(nn.Linear(dim, dim), nn.Tanh())
-        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
-
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
-
-def tiny_resnet():
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.Sequential(BasicBlock(8, 8), BasicBlock(8, 8), BasicBlock(8, 8)),
-        nn.Sequential(BasicBlock(8, 16, 2), BasicBlock(16, 16), BasicBlock(16, 16)),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(16, 4),
-    ).double()
-
-
-def tiny_vit():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Sequential(*[TimmBlock(8) for _ in range(3)])).double()
-
-
-def hf_resnet():
-    torch.manual_seed(0)
-    config = transformers.ResNetConfig(
-        embedding_size=8, hidden_sizes=[8, 16], depths=[3, 3], layer_type="bottleneck"
-    )
-    return transformers.ResNetModel(config).double()
-
-
-def hf_vit():
-    torch.manual_seed(0)
-    config = transformers.ViTConfig(
-        hidden_size=16,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        intermediate_size=32,
-        image_size=16,
-        patch_size=4,
-    )
-    return transformers.ViTModel(config).double()
-
-
-CASES = {
-    "torchvision-resnet": (tiny_resnet, lambda: (torch.randn(2, 3, 8, 8, dtype=torch.float64),)),
-    "timm-vit": (tiny_vit, lambda: (torch.randn(2, 5, 8, dtype=torch.float64),)),
-    "hf-resnet": (hf_resnet, lambda: (torch.randn(2, 3, 16, 16, dtype=torch.float64),)),
-    "hf-vit": (hf_vit, lambda: (torch.randn(2, 3, 16, 16, dtype=torch.float64),)),
-}
-
-
-def output(model, inputs):
-    return torchrev.convert.report.main_output(model(*inputs))
-
-
-@pytest.mark.parametrize("case", CASES)
-def test_rewire_keeps_parameters_and_matches_plain_autograd(case):
-    build, make_inputs = CASES[case]
-    original = build()
-    model = torchrev.rewire(copy.deepcopy(original))
-    kept = [p for p in model.parameters()]
-    assert len(kept) == len(list(original.parameters()))
-    report = torchrev.compare(original, model, make_inputs())
-    assert report.same_parameters and report.converted_mib < report.original_mib
-    stacks = [m for m in model.modules() if isinstance(m, torchrev.ReversibleSequential)]
-    assert stacks
-    inputs = make_inputs()
-    results = []
-    for reversible in (False, True):
-        for stack in stacks:
-            stack.reversible = reversible
-        torch.manual_seed(3)
-        results.append(
-            torch.autograd.grad(output(model.train(), inputs).sum(), kept, allow_unused=True)
-        )
-    assert_close_tensors(results[1], results[0], 1e-8)
 
 
 def test_rewired_stage_is_the_re2tal_recurrence():

@@ -38,6 +38,7 @@ def interleaved_times(
     warmup: int = 1,
     sync: Callable[[], None] = lambda: None,
     seed: int = 0,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, list[float]]:
     """Seconds of each call of each step, every step called once per round, ``repeats`` rounds.
 
@@ -47,7 +48,9 @@ def interleaved_times(
     follows a different one from round to round: the leftovers of the step before (caches,
     the allocator's free lists) would otherwise help or hurt it the same way every time, as
     they do with a fixed cycle, even a rotated one. ``sync`` waits for asynchronous devices
-    (``torch.cuda.synchronize``).
+    (``torch.cuda.synchronize``). ``clock`` reads the time: wall-clock by default;
+    ``time.process_time`` (this process's CPU seconds, on one thread) where other processes
+    share the cores and wall-clock times would measure their load.
     """
     names = list(steps)
     for _ in range(warmup):
@@ -58,10 +61,10 @@ def interleaved_times(
     times: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(repeats):
         for name in order.sample(names, len(names)):
-            start = time.perf_counter()
+            start = clock()
             steps[name]()
             sync()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return times
 
 

@@ -22,6 +22,7 @@ from torch import nn
 from ..bench.memory import MiB, training_step_peak
 from ..data import make_sentiment
 from .errors import CliError
+from .finetune_decoder import add_decoder_arguments, run_decoder
 from .options import HelpFormatter, add_out, positive_int
 from .outdir import choose_out
 
@@ -51,6 +52,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--train-size", type=positive_int, default=512, help="training sentences")
     parser.add_argument("--seed", type=int, default=0)
     add_out(parser, "runs/finetune")
+    add_decoder_arguments(parser)
     parser.set_defaults(run=run, interrupted="the methods that finished are saved in --out")
 
 
@@ -91,6 +93,8 @@ def build(method: str, variant: int) -> tuple[nn.Module, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.decoder is not None:
+        return run_decoder(args)
     _imports()  # a missing extra fails before any work
     produces = (SUMMARY, *(f"{m}/" for m in METHODS))
     out = choose_out(args.out, Path("runs/finetune"), produces, overwrite=args.overwrite)

@@ -2,10 +2,16 @@
 
 from ._replace import undo as undo
 from .branches import Adapter as Adapter
-from .meft import adapter_state_dict as adapter_state_dict
-from .meft import load_adapters as load_adapters
+from .branches import Call as Call
+from .branches import Sublayer as Sublayer
+from .families import FAMILIES as FAMILIES
+from .families import LayerFamily as LayerFamily
 from .meft import meft as meft
 from .meft import meft_stage as meft_stage
 from .report import ConversionReport as ConversionReport
 from .report import compare as compare
 from .rewire import rewire as rewire
+from .saving import adapter_state_dict as adapter_state_dict
+from .saving import from_adapters as from_adapters
+from .saving import load_adapters as load_adapters
+from .saving import save_adapters as save_adapters

@@ -2,15 +2,20 @@
 
 Each wraps modules of the original model (the same parameter objects, so the pretrained
 weights are kept and only module paths change) and accepts the keyword arguments a stack
-passes to every branch (``attention_mask``), ignoring those it does not use.
+passes to every branch (the attention mask, rotary embeddings, ...), ignoring those it does
+not use.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .calls import EXTRA
 
 
 class Adapter(nn.Module):
@@ -29,34 +34,131 @@ class Adapter(nn.Module):
         return self.up(torch.relu(self.down(x)))
 
 
-class BertAttention(nn.Module):
-    """A BERT-family attention sublayer, ``LN(x + Attn(x) [+ adapter(x)])``."""
+class Call(nn.Module):
+    """``after(module(x, **the named inputs))``: a pretrained module called the way its layer
+    calls it, keeping the first item when it returns a tuple (attention modules return their
+    weights too), then the modules ``after`` it (output projection, dropout, layer scale).
 
-    def __init__(self, layer: nn.Module, adapter: Adapter | None = None) -> None:
+    Only the keyword inputs named in ``inputs`` reach ``module``, so one branch signature
+    serves modules that take different arguments; with ``extra``, so do the keywords the layer
+    took as ``**kwargs`` (see :class:`torchrev.convert.calls.LayerCall`), for a module its
+    layer handed them to (Hugging Face attention modules).
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        inputs: Iterable[str] = (),
+        after: Iterable[nn.Module] = (),
+        *,
+        extra: bool = False,
+    ) -> None:
         super().__init__()
-        self.attention, self.adapter = layer.attention, adapter
+        self.module, self.inputs, self.extra = module, tuple(inputs), extra
+        self.after = nn.Sequential(*after)
 
-    def forward(self, x: Tensor, attention_mask: Tensor | None = None, **_: Any) -> Tensor:
-        out = self.attention.output
-        h = out.dropout(out.dense(self.attention.self(x, attention_mask=attention_mask)[0])) + x
+    def forward(self, x: Tensor, **kwargs: Any) -> Tensor:
+        chosen = {name: kwargs[name] for name in self.inputs if name in kwargs}
+        if self.extra:
+            chosen.update(kwargs.get(EXTRA, {}))
+        y = self.module(x, **chosen)
+        if isinstance(y, tuple):
+            y = y[0]
+        return self.after(y)
+
+
+class Sublayer(nn.Module):
+    """One residual sublayer of a pretrained layer: pre-norm ``x + body(norm(x))`` or post-norm
+    ``norm(x + body(x))``, with an optional adapter parallel to the body (same input, output
+    added: MEFT's parallel adapter).
+
+    The addition keeps the original's order of operations, so without an adapter the sublayer
+    computes its part of the layer bit for bit. :meth:`residual` is its residual function,
+    what Re2TAL rewires: ``body(norm(x))`` itself for pre-norm, ``self(x) - x`` for post-norm.
+    """
+
+    def __init__(
+        self,
+        body: nn.Module,
+        norm: nn.Module | None = None,
+        *,
+        pre_norm: bool,
+        adapter: Adapter | None = None,
+    ) -> None:
+        super().__init__()
+        self.body, self.pre_norm = body, pre_norm
+        self.norm = norm if norm is not None else nn.Identity()
+        self.adapter = adapter
+
+    def forward(self, x: Tensor, **kwargs: Any) -> Tensor:
+        if self.pre_norm:
+            return x + self.residual(x, **kwargs)
+        h = self.body(x, **kwargs) + x
         if self.adapter is not None:
             h = h + self.adapter(x)
-        return out.LayerNorm(h)
+        return self.norm(h)
+
+    def residual(self, x: Tensor, **kwargs: Any) -> Tensor:
+        if not self.pre_norm:
+            return self(x, **kwargs) - x
+        if self.adapter is None:
+            return self.body(self.norm(x), **kwargs)
+        # NOTE [adapter beside a pre-norm body]: the adapter's weight gradient needs its input,
+        # the normalised hidden state, which the frozen body does not keep: stored, it would
+        # stay alive through the body's backward, the peak of a recomputed layer. So the
+        # adapter normalises ``x`` itself inside a checkpoint, which keeps only ``x`` (kept
+        # anyway), and runs first, so that autograd, which differentiates the latest nodes
+        # first, reaches it after the body. One hidden state less at the peak for a second
+        # normalisation; the values and their sum are the same.
+        side = (
+            self._adapted(x)
+            if not torch.is_grad_enabled()
+            else checkpoint(self._adapted, x, use_reentrant=False)
+        )
+        return self.body(self.norm(x), **kwargs) + side
+
+    def _adapted(self, x: Tensor) -> Tensor:
+        assert self.adapter is not None
+        return self.adapter(self.norm(x))
+
+    def extra_repr(self) -> str:
+        return f"pre_norm={self.pre_norm}"
 
 
-class BertFeedForward(nn.Module):
-    """A BERT-family feed-forward sublayer, ``LN(h + FFN(h) [+ adapter(h)])``."""
+class Residual(nn.Module):
+    """A sublayer's residual function (:meth:`Sublayer.residual`), so it can be rewired
+    additively."""
 
-    def __init__(self, layer: nn.Module, adapter: Adapter | None = None) -> None:
+    def __init__(self, sublayer: Sublayer) -> None:
         super().__init__()
-        self.intermediate, self.output, self.adapter = layer.intermediate, layer.output, adapter
+        self.sublayer = sublayer
 
-    def forward(self, h: Tensor, **_: Any) -> Tensor:
-        out = self.output
-        y = out.dropout(out.dense(self.intermediate(h))) + h
-        if self.adapter is not None:
-            y = y + self.adapter(h)
-        return out.LayerNorm(y)
+    def forward(self, x: Tensor, **kwargs: Any) -> Tensor:
+        return self.sublayer.residual(x, **kwargs)
+
+
+class Recomputed(nn.Module):
+    """A part of a branch that keeps only its input while the rest of the branch differentiates:
+    under grad it runs inside non-reentrant :func:`torch.utils.checkpoint.checkpoint` and is
+    recomputed once more when its own backward comes.
+
+    The trade-off, measured on a Llama-shaped layer (width 768, sequence 1024, float32): the
+    attention sublayer of a MEFT branch keeps four hidden states (``q``, ``k``, ``v`` after the
+    rotary embedding, and the attention output) through the backward of the feed-forward
+    sublayer, the peak of the recomputed layer; recomputing it drops that peak by 12 MiB of
+    about 90 and costs one more attention forward, about 8% of a step. Its input is the
+    branch's input, which the step keeps anyway. The recomputation replays the forward's RNG
+    and autocast state, so the gradients do not change.
+    """
+
+    def __init__(self, part: nn.Module) -> None:
+        super().__init__()
+        self.part = part
+
+    def forward(self, x: Tensor, **kwargs: Any) -> Tensor:
+        if not torch.is_grad_enabled():
+            return self.part(x, **kwargs)
+        return checkpoint(self.part, x, use_reentrant=False, **kwargs)
 
 
 class Chain(nn.Module):
@@ -70,55 +172,6 @@ class Chain(nn.Module):
         for part in self.parts:
             x = part(x, **kwargs)
         return x
-
-
-class Residual(nn.Module):
-    """``f(x) = block(x) - x``: the residual function of a block that computes ``x + f(x)``
-    behind a normalisation (post-norm BERT), so it can be rewired additively."""
-
-    def __init__(self, block: nn.Module) -> None:
-        super().__init__()
-        self.block = block
-
-    def forward(self, x: Tensor, **kwargs: Any) -> Tensor:
-        return self.block(x, **kwargs) - x
-
-
-class PreReLU(nn.Module):
-    """``f(x) = body(relu(x))``: a ResNet block's residual function with the post-add ReLU
-    moved in front of it, as Re2TAL rewires ResNets."""
-
-    def __init__(self, body: nn.Module) -> None:
-        super().__init__()
-        self.body = body
-
-    def forward(self, x: Tensor, **_: Any) -> Tensor:
-        return self.body(torch.relu(x))
-
-
-class PreNorm(nn.Module):
-    """``f(x) = drop(scale(fn(norm(x))))``: a pre-norm transformer's residual branch (timm's
-    attention and MLP, Hugging Face ViT's MLP). ``fn`` returning a tuple gives its first item
-    (attention modules), and it receives the attention mask when ``masked``."""
-
-    def __init__(
-        self,
-        norm: nn.Module,
-        fn: nn.Module,
-        scale: nn.Module | None = None,
-        drop: nn.Module | None = None,
-        masked: bool = False,
-    ) -> None:
-        super().__init__()
-        self.norm, self.fn, self.masked = norm, fn, masked
-        self.scale = scale or nn.Identity()
-        self.drop = drop or nn.Identity()
-
-    def forward(self, x: Tensor, attention_mask: Tensor | None = None, **_: Any) -> Tensor:
-        y = self.fn(self.norm(x), attention_mask) if self.masked else self.fn(self.norm(x))
-        if isinstance(y, tuple):
-            y = y[0]
-        return self.drop(self.scale(y))
 
 
 class Zero(nn.Module):

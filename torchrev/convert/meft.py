@@ -1,4 +1,4 @@
-"""MEFT (Liao et al. 2023): reversible parameter-efficient fine-tuning of BERT-family encoders.
+"""MEFT (Liao et al. 2023): reversible parameter-efficient fine-tuning of pretrained transformers.
 
 Each pretrained layer becomes a scaled coupling on two streams that start as copies of the
 embeddings and end averaged:
@@ -11,10 +11,17 @@ layer with its parallel adapter, lam = 1, beta = 0.1, swapped. MEFT3: F = the at
 G = the feed-forward sublayer, each with a parallel adapter, lam = beta = 0.1. Only adapters and
 the task head train.
 
+Any layer family of :mod:`torchrev.convert.families` with an attention and a feed-forward
+sublayer converts: BERT-family encoders, GPT-2, OPT, and Llama-layout decoders (Mistral, Qwen2,
+Qwen3). The parallel adapter takes the feed-forward sublayer's input: the hidden state in a
+post-norm layer (BERT), the normalised one in a pre-norm layer (GPT-2, Llama). In eval mode or
+under ``torch.no_grad`` the couplings run as ordinary modules, KV cache included, so
+``model.generate`` works on the converted model.
+
 The trade-off was precision: the float inverse divides by lam and beta every layer, so the
 error of rebuilding a layer's input grows about tenfold per layer (on MiniLM, 7-100% off in the
 adapter gradients with all six layers reversible). The stacks here reverse exactly by default
-(``exact="auto"``, see :class:`torchrev.ReversibleSequential`): every layer is reversible, the
+(``exact="compact"``, see :class:`torchrev.ReversibleSequential`): every layer is reversible, the
 gradients are plain autograd's, and each layer stores a few bits per hidden-state element
 instead of its activations. No step measures anything, so the first step needs no more memory
 than the others.
@@ -22,7 +29,6 @@ than the others.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -31,8 +37,10 @@ from torch import Tensor, nn
 from .._core.exact import Exact
 from .._core.sequence import ReversibleSequential
 from ..couplings.scaled import ScaledCoupling
-from ._replace import converted, freeze, replace
-from .branches import Adapter, BertAttention, BertFeedForward, Chain
+from ._replace import converted, freeze, remember, replace
+from .branches import Adapter, Chain, Recomputed
+from .calls import LayerCall, check_one_call, two_streams
+from .families import FAMILIES, SPEC_HINT, LayerFamily, family_of, supported
 
 VARIANTS = {1: (0.1, 1.0, True), 2: (1.0, 0.1, True), 3: (0.1, 0.1, False)}
 SWAPPED = ((1, (0,)), (0, (1,)))
@@ -40,19 +48,25 @@ HEADS = ("classifier", "score", "qa_outputs")
 
 
 class MeftStage(nn.Module):
-    """Stands in for an encoder's list of layers: one call runs them all as MEFT couplings.
+    """Stands in for a model's list of layers: one call runs them all as MEFT couplings.
 
-    Called the way the encoder calls each layer (hidden states, attention mask, ...), so the
-    model's own forward, signature and output type stay as they were. The top
-    ``reversible_layers`` layers form one reversible stack (all of them by default); any below
-    store their activations like plain autograd.
+    Called the way the model calls each layer (hidden states, attention mask, rotary
+    embeddings, KV cache, ...: :class:`LayerCall` sorts them out), so the model's own forward,
+    signature and output type stay as they were. The top ``reversible_layers`` layers form one
+    reversible stack (all of them by default); any below store their activations like plain
+    autograd.
     """
 
     def __init__(
-        self, couplings: list[ScaledCoupling], reversible_layers: int | None, exact: Exact
+        self,
+        couplings: list[ScaledCoupling],
+        reversible_layers: int | None,
+        exact: Exact,
+        call: LayerCall,
     ) -> None:
         super().__init__()
         self.couplings = nn.ModuleList(couplings)
+        self.call = call
         self._exact = exact
         self.set_reversible_layers(
             len(couplings) if reversible_layers is None else reversible_layers
@@ -84,12 +98,13 @@ class MeftStage(nn.Module):
             ReversibleSequential(*blocks[n - count :], exact=self._exact),
         )
 
-    def forward(self, hidden_states: Tensor, attention_mask: Any = None, *_: Any, **__: Any):
-        streams: tuple[Tensor, ...] = (hidden_states, hidden_states)
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        hidden, inputs = self.call.split(args, kwargs, self.training and torch.is_grad_enabled())
+        streams: tuple[Tensor, ...] = two_streams(hidden)
         for stack in self.stacks:
             stack.train(self.training)
             if len(stack):
-                streams = stack(*streams, attention_mask=attention_mask)
+                streams = stack(*streams, **inputs)
         return (streams[0] + streams[1]) / 2
 
 
@@ -99,84 +114,117 @@ def meft(
     rank: int = 8,
     *,
     reversible_layers: int | None = None,
-    exact: Exact = "auto",
+    exact: Exact = "compact",
+    recompute_attention: bool = True,
     adapter_std: float = 0.02,
     trainable: tuple[str, ...] = HEADS,
+    spec: LayerFamily | None = None,
 ) -> nn.Module:
-    """Make a Hugging Face BERT-family model reversible for MEFT fine-tuning, in place.
+    """Make a pretrained transformer reversible for MEFT fine-tuning, in place.
 
-    The encoder's layers become MEFT couplings (``variant`` 1, 2 or 3) with adapters of
-    ``rank``; every parameter but the adapters and modules named in ``trainable`` (the task
-    heads) is frozen. Forward signature and outputs stay those of the model, so it trains in an
+    The model's list of layers (a BERT-family encoder's, a GPT-2, OPT or Llama-layout
+    decoder's: any family in :mod:`torchrev.convert.families`, or ``spec`` for others) becomes
+    MEFT couplings (``variant`` 1, 2 or 3) with adapters of ``rank``; every parameter but the
+    adapters and modules named in ``trainable`` (the task heads) is frozen. Forward signature
+    and outputs stay those of the model (``loss``, ``logits``, generation), so it trains in an
     ordinary loop or the transformers Trainer; :func:`torchrev.undo` restores the original.
     Every layer is reversible unless ``reversible_layers`` keeps fewer (the top ones);
-    ``exact`` is the reversible stack's setting (exact by default, so the gradients are plain
-    autograd's at any depth and dtype; ``False`` trusts the float inverse, which loses about
-    a digit per layer).
+    ``exact`` is the reversible stack's setting (``"compact"`` by default: exact, so the
+    gradients are plain autograd's at any depth and dtype, with the smallest corrections, about
+    8 bits per hidden-state element per layer, whose extra passes a transformer layer hardly
+    notices; ``True`` stores about a third more for less time; ``False`` trusts the float
+    inverse, which loses about a digit per layer). ``recompute_attention`` (variants 1 and 2,
+    whose branch is the whole layer) recomputes the attention sublayer during the layer's
+    backward instead of keeping its activations through the feed-forward sublayer's
+    (:class:`~torchrev.convert.branches.Recomputed`: about four hidden states less at the
+    peak for about 8% more time).
     """
     if variant not in VARIANTS:
         raise ValueError(f"MEFT variant must be 1, 2 or 3, got {variant!r}.")
     if converted(model):
         raise ValueError("this model is already converted; call torchrev.undo(model) first.")
-    parent, name, layers = _find_bert_layers(model)
+    family, parent, name, layers = find_layers(model, spec)
+    check_one_call(model, parent, family.inputs)
     lam, beta, swapped = VARIANTS[variant]
-    dim = layers[0].attention.output.dense.out_features
     couplings = []
     for index, layer in enumerate(layers):
-        f, g = _branches(variant, layer, dim, rank, adapter_std)
+        f, g = _branches(variant, family, layer, rank, adapter_std, recompute_attention)
         coupling = ScaledCoupling(f, g, lam=lam, beta=beta)
         if swapped and index % 2:
             coupling.steps = SWAPPED  # this layer's F updates the stream the last one's G did
         couplings.append(coupling)
-    stage = MeftStage(couplings, reversible_layers, exact)
+    stage = MeftStage(couplings, reversible_layers, exact, LayerCall(layers[0], family.inputs))
     reference = next(layers[0].parameters())
     stage.to(device=reference.device, dtype=reference.dtype)  # the new adapters, like the rest
-    adapters = {id(p) for m in stage.modules() if isinstance(m, Adapter) for p in m.parameters()}
-    replace(model, parent, name, nn.ModuleList([stage]))
-    heads = {
-        id(p)
-        for n, m in model.named_modules()
-        if n.split(".")[-1] in trainable
-        for p in m.parameters()
-    }
-    freeze(model, adapters | heads)
+    stage.train(layers[0].training)  # new modules (adapters, dropout) in the model's mode
+    container = getattr(parent, name)
+    one = nn.ModuleList([stage]) if isinstance(container, nn.ModuleList) else nn.Sequential(stage)
+    replace(model, parent, name, one)
+    adapters = [p for m in stage.modules() if isinstance(m, Adapter) for p in m.parameters()]
+    freeze(model, trainable, keep=adapters)
+    remember(
+        model,
+        {
+            "method": "meft",
+            "variant": variant,
+            "rank": rank,
+            "reversible_layers": reversible_layers,
+            "exact": exact,
+            "recompute_attention": recompute_attention,
+            "trainable": list(trainable),
+            "family": family.name,
+            "spec": None if spec is None else spec.name,
+        },
+    )
     return model
 
 
 def _branches(
-    variant: int, layer: nn.Module, dim: int, rank: int, std: float
+    variant: int, family: LayerFamily, layer: nn.Module, rank: int, std: float, recompute: bool
 ) -> tuple[nn.Module, nn.Module]:
+    assert family.width is not None  # find_layers only returns families MEFT converts
+    width = family.width(layer)
+
     def adapter() -> Adapter:
-        return Adapter(dim, rank, std)
+        return Adapter(width, rank, std)
 
-    whole = Chain(BertAttention(layer), BertFeedForward(layer, adapter()))
-    if variant == 1:
-        return whole, adapter()
-    if variant == 2:
-        return adapter(), whole
-    return BertAttention(layer, adapter()), BertFeedForward(layer, adapter())
+    parts = family.sublayers(layer)
+    if len(parts) != 2:
+        raise ValueError(
+            f"meft needs two sublayers per layer, attention then feed-forward; family "
+            f"{family.name!r} describes {len(parts)}."
+        )
+    attention, feed_forward = parts
+    feed_forward.adapter = adapter()
+    if variant == 3:
+        attention.adapter = adapter()
+        return attention, feed_forward
+    whole = Chain(Recomputed(attention) if recompute else attention, feed_forward)
+    return (whole, adapter()) if variant == 1 else (adapter(), whole)
 
 
-def _find_bert_layers(model: nn.Module) -> tuple[nn.Module, str, list[nn.Module]]:
+def find_layers(
+    model: nn.Module, spec: LayerFamily | None = None
+) -> tuple[LayerFamily, nn.Module, str, list[nn.Module]]:
+    """The first list of layers (``nn.ModuleList`` or ``nn.Sequential``) of one family that
+    MEFT converts: the family, the list's parent, its name there, and its layers."""
+    families = (spec,) if spec is not None else FAMILIES
     for parent in model.modules():
         for name, child in parent.named_children():
-            if isinstance(child, nn.ModuleList) and len(child) and all(map(_is_bert_layer, child)):
-                return parent, name, list(child)
+            if not isinstance(child, nn.ModuleList | nn.Sequential) or not len(child):
+                continue
+            family = family_of(child[0], families)
+            if family is not None and family.width is not None and all(map(family.match, child)):
+                return family, parent, name, list(child)
+    if spec is not None:
+        raise ValueError(
+            f"meft found no list of layers matching spec {spec.name!r} in {type(model).__name__}"
+            f" (a ModuleList or Sequential whose every layer spec.match accepts, with a width "
+            f"and two sublayers, attention then feed-forward)."
+        )
     raise ValueError(
-        f"meft supports Hugging Face BERT-family encoders (BERT, RoBERTa, ELECTRA, MiniLM, ...: "
-        f"a ModuleList of layers with attention.self, attention.output, intermediate and "
-        f"output); found none in {type(model).__name__}."
-    )
-
-
-def _is_bert_layer(layer: nn.Module) -> bool:
-    attention = getattr(layer, "attention", None)
-    output = getattr(layer, "output", None)
-    return (
-        hasattr(attention, "self")
-        and all(hasattr(getattr(attention, "output", None), a) for a in ("dense", "LayerNorm"))
-        and hasattr(layer, "intermediate")
-        and all(hasattr(output, a) for a in ("dense", "dropout", "LayerNorm"))
+        f"meft found no list of layers it recognises in {type(model).__name__}. It converts: "
+        f"{supported(meft=True)}. {SPEC_HINT}"
     )
 
 
@@ -185,22 +233,3 @@ def meft_stage(model: nn.Module) -> MeftStage:
     if not stages:
         raise ValueError("this model has no MEFT layers: convert it with torchrev.meft first.")
     return stages[0]
-
-
-def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """Only what MEFT trains (adapters and heads): save this instead of the whole model."""
-    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
-
-
-def load_adapters(model: nn.Module, state: Mapping[str, Tensor]) -> None:
-    """Load :func:`adapter_state_dict` output into a model converted the same way."""
-    params = dict(model.named_parameters())
-    unknown = sorted(set(state) - set(params))
-    if unknown:
-        raise ValueError(
-            f"load_adapters: {len(unknown)} entries match no parameter of this model (first: "
-            f"{unknown[0]}); convert the model with the same meft settings before loading."
-        )
-    with torch.no_grad():
-        for name, value in state.items():
-            params[name].copy_(value)
