@@ -18,7 +18,7 @@ from torchrev.data import make_shapes3d
 
 # A RevNet-38 small enough for a one-epoch run in a few seconds: tests of files and errors.
 TINY = ["--model-kwargs", "channels=(8,16,16)", "blocks=(1,1,1)", "--batch-size", "128"]
-UNET_EPOCHS = 6
+UNET_EPOCHS = 4
 
 
 def run_cli(*args, cwd):
@@ -75,7 +75,7 @@ def test_recipes_learn_the_digits_well_above_chance(tmp_path, model, small):
 
 def test_unet_recipe_segments_both_shapes(tmp_path, capsys):
     """The 3D U-Net's recipe, cut to UNET_EPOCHS epochs, segments both shapes (a mean test
-    Dice of 0.82 in this run, 0.8 needed); scores are Dice per class, not voxel accuracy
+    Dice of 0.86 when written, 0.8 needed); scores are Dice per class, not voxel accuracy
     (which background alone takes to 90%)."""
     argv = ["train", "--model", "unet3d", "--epochs", str(UNET_EPOCHS), "--out", str(tmp_path)]
     assert main(argv) == 0
