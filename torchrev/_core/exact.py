@@ -19,15 +19,18 @@ step is then rebuilt bit-identically, the recomputed branches see the forward's 
 the gradients are plain autograd's on the same forward. ``c`` is mostly 0 or a few ulps, so
 :class:`Correction` stores it as a cascade: a narrow code (2, 4, 8 or 16 bits) for every
 element, wider codes for the few that do not fit, full bits for the fewest; the widths are
-planned per step on a sample. Two plans, one trade-off: ``exact=True`` stores where the
-first code's escapes are, so the backward never searches for them and the plan keeps them
-rare; ``exact="compact"`` stores no position, searches the codes again in backward, and so
-can afford a 2-bit first code. Measured per stream element per step (``tests/test_exact.py``,
-``benchmarks/engine.py``): 3 to 4.5 bits (compact 2.3 to 2.7) for additive, momentum and
-affine steps, 5.5 to 8.2 (compact 4 to 5.7) for scales of 0.1, against ``B`` (16 to 64) for
-storing the input; MEFT on MiniLM 5.4 (compact 3.9). The compact plan's time goes into
-finding escapes that are no longer rare: a few passes over each stream per step, which
-transformer layers hardly notice and small MLP branches do.
+planned per step on a sample. Two plans, one trade-off between memory and time:
+``exact=True`` stores where the first code's escapes are, so the backward never searches for
+them, and keeps to a first code of 4 bits or more and two levels at most (a 2-bit code takes
+four passes to unpack); ``exact="compact"`` stores no position, searches the codes again in
+backward, and so can afford a 2-bit first code and more levels. Measured per stream element
+per step (``tests/test_exact.py``, ``benchmarks/engine.py``): 4.2 to 4.9 bits (compact 2.2 to
+2.7) for additive, momentum, affine and float16 steps, 6.4 (compact 4.0) for scales of 0.1,
+8.2 (5.7) for lam = beta = 0.1, against ``B`` (16 to 64) for storing the input; MEFT on
+MiniLM 6.3 (compact 3.9). Time, paired with the float engine on 2 CPU threads (additive
+MLP branches of width 64, 256, 1024): 1.37x, 1.16x, 1.06x (compact 1.59x, 1.29x, 1.10x); the
+passes are memory-bound, so they weigh against the branch's arithmetic per element and
+transformer layers hardly notice them.
 
 The alternative, fixed-point streams with an information buffer for the bits a scaling drops
 (MacKay et al. 2018), stores about ``log2(1/lam)`` bits per scaled step and none for additive
@@ -116,7 +119,8 @@ class Correction:
 
     Trade-off: the backward must know where level 0's escapes are. ``compact=False`` (what
     ``exact=True`` and ``"auto"`` use) stores their positions (32 bits each), so the planner
-    keeps them rare and the backward never searches; ``compact=True`` (``exact="compact"``)
+    keeps them rare, with a first code of 4 bits or more and two levels at most, and the
+    backward never searches; ``compact=True`` (``exact="compact"``)
     stores no position and searches the codes again, so a narrow first level with many
     escapes pays: about half the bits, for a few more passes over the stream per step.
     """
@@ -189,7 +193,8 @@ def _plan(diff: Tensor, full: int, compact: bool, samples: int = 4096) -> tuple[
     """The widths of the levels that store the fewest bits, judged on about ``samples``
     evenly spaced differences: ``w0`` bits for every element, ``w1`` for each that does not
     fit ``w0`` (and 32 for its position unless ``compact``), ..., ``full`` for each that fits
-    none, and :data:`LEVEL_COST` per level."""
+    none, and :data:`LEVEL_COST` per level; unless ``compact``, only plans of one or two levels
+    whose first code has 4 bits or more (fewer passes)."""
     sample = diff[:: max(1, diff.numel() // samples)]
     magnitude = sample.abs()
     magnitude[magnitude < 0] = torch.iinfo(diff.dtype).max  # abs of the most negative value
@@ -200,6 +205,8 @@ def _plan(diff: Tensor, full: int, compact: bool, samples: int = 4096) -> tuple[
     best: tuple[float, tuple[int, ...]] = (float(full), ())
     for k in range(1, len(widths) + 1):
         for chosen in itertools.combinations(widths, k):
+            if not compact and (chosen[0] < 4 or k > 2):
+                continue  # four passes to unpack 2-bit codes, and one more per level
             wider = (*chosen[1:], full)
             cost = chosen[0] + sum(reach[w] * v + LEVEL_COST for w, v in zip(chosen, wider))
             best = min(best, (cost + (0 if compact else 32 * reach[chosen[0]]), chosen))

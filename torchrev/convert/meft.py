@@ -132,7 +132,7 @@ def meft(
     ``exact`` is the reversible stack's setting (``"compact"`` by default: exact, so the
     gradients are plain autograd's at any depth and dtype, with the smallest corrections, about
     8 bits per hidden-state element per layer, whose extra passes a transformer layer hardly
-    notices; ``True`` stores about a third more for less time; ``False`` trusts the float
+    notices; ``True`` stores about 60% more for less time; ``False`` trusts the float
     inverse, which loses about a digit per layer). ``recompute_attention`` (variants 1 and 2,
     whose branch is the whole layer) recomputes the attention sublayer during the layer's
     backward instead of keeping its activations through the feed-forward sublayer's
