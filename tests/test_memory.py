@@ -58,6 +58,31 @@ def test_compact_exact_reversal_stores_fewer_bits(cls):
     assert 0 < compact <= steps * (elements * 5 / 8 + 8) and compact < growth(True)
 
 
+def test_exact_reversal_adds_only_its_corrections_to_the_peak():
+    """The backward frees each step's output once it has rebuilt the input out of place, so
+    at the peak (a branch's backward) exact reversal holds its corrections and nothing more;
+    the output used to stay alive through the branch's backward, one stream more."""
+    torch.manual_seed(0)
+    stack = stack_of(torchrev.ScaledCoupling, 8, width=64, dtype=torch.float32, lam=0.1)
+    streams = [torch.randn(256, 64), torch.randn(256, 64)]
+
+    def peak(exact):
+        stack.exact = exact
+
+        def step():
+            y1, y2 = stack(streams[0].requires_grad_(), streams[1])
+            (y1.square().sum() + y2.square().sum()).backward()
+
+        step()
+        return peak_live_bytes(step)
+
+    bits = torchrev.check_reversibility(stack, *streams).stored_bits
+    stream = streams[0].nbytes
+    corrections = bits / 32 * stream * 2 * 8  # two steps per block, eight blocks
+    extra = peak(True) - peak(False)
+    assert corrections <= extra <= corrections + 0.5 * stream
+
+
 def test_plain_peak_grows_with_depth_so_the_measurement_can_fail():
     shallow, deep = training_step_peak(3, False), training_step_peak(12, False)
     assert deep > 3 * shallow

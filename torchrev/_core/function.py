@@ -124,7 +124,7 @@ class _Step:
         want_sources = [live and need for need in needs[1 : 1 + n_sources]]
         n_leaves = len(leaves)
         want_leaves = [live and need for need in needs[1 + n_sources : 1 + n_sources + n_leaves]]
-        out = tape.get(self.target)
+        tape.get(self.target)  # raises on a second backward of a graph that was not kept
         sources = [tape.get(j) for j in self.sources]
         # Differentiable kwargs enter the recomputation as fresh leaves, so that hooks on the
         # caller's tensors run once, in the outer backward, and nowhere else.
@@ -136,9 +136,11 @@ class _Step:
         seeds = [tape.grads[j] for j, w in zip(self.sources, want_sources) if w]
         seeds += [tape.shared.pop(k, None) for k, w in zip(self.leaf_keys, want_leaves) if w]
         kwargs = call.kwargs(extras)
-        rebuilt = None if call.overlap is None else call.overlap.rebuilt(self, out, sources)
+        rebuilt = None
+        if call.overlap is not None:
+            rebuilt = call.overlap.rebuilt(self, tape.get(self.target), sources)
         inp, d_inp, d_sources, d_targets = self._recompute_and_differentiate(
-            out, sources, d_out, want_inp, want_sources, targets, seeds, kwargs, rebuilt
+            sources, d_out, want_inp, want_sources, targets, seeds, kwargs, rebuilt
         )
         tape.values[self.target] = inp
         tape.grads[self.target] = d_inp
@@ -191,7 +193,6 @@ class _Step:
 
     def _recompute_and_differentiate(
         self,
-        out: Tensor,
         sources: list[Tensor],
         d_out: Tensor | None,
         want_inp: bool,
@@ -212,7 +213,7 @@ class _Step:
         # statistics, and restoring them earlier would trip autograd's version check.
         with buffers_preserved(self.written):
             inp, h, leaves, views, targets = self._recompute(
-                out, sources, want_sources, targets, kwargs, differentiate, rebuilt
+                sources, want_sources, targets, kwargs, differentiate, rebuilt
             )
             if d_out is None or not differentiate:
                 return inp, None, [None] * len(sources), [None] * len(targets)
@@ -240,7 +241,6 @@ class _Step:
 
     def _recompute(
         self,
-        out: Tensor,
         sources: list[Tensor],
         want_sources: list[bool],
         targets: list[Tensor],
@@ -272,11 +272,17 @@ class _Step:
             with torch.no_grad():
                 # NOTE [in-place revert]: the tape's value of the target stream has no other
                 # reader, and it is always the engine's own tensor: the caller holds copies of
-                # the outputs, and every earlier value was rebuilt here.
+                # the outputs, and every earlier value was rebuilt here. For the same reason
+                # the tape's reference is the output's last one but the top step's (which
+                # _Outputs saved): replacing it with the input frees the output before the
+                # branch is differentiated, where exact reversal rebuilt out of place.
+                tape = self.call.tape
+                out = tape.get(self.target)
                 if self.exact is None:
                     inp = block.revert_(out, h, index).to(self.dtype)
                 else:
                     inp = self.exact.rebuild(block, index, out, h)
+                tape.values[self.target] = inp
         return inp, h, leaves, views, targets
 
     def _recompute_branch(
