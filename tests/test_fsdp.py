@@ -12,7 +12,7 @@ from tests.helpers import run_ranks
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = run_ranks("tests._fsdp_worker", tmp_path_factory.mktemp("fsdp"))
-    return torch.load(out, weights_only=False)
+    return torch.load(out, weights_only=True)
 
 
 def one_process(exact: bool) -> dict[str, torch.Tensor]:
