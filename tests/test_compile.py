@@ -1,10 +1,14 @@
 """torch.compile: the engine is one opaque call, everything around it compiles."""
 
+import weakref
+
 import pytest
 import torch
 from torch import nn
 
 import torchrev
+from tests.helpers import stack_of
+from torchrev.bench import peak_live_bytes
 
 
 def branch():
@@ -49,15 +53,17 @@ def breaks(module, x):
     return explained.graph_count, explained.graph_break_count, sites, linears
 
 
-def test_the_stack_call_is_one_opaque_region_whatever_its_depth():
+def test_a_training_stack_call_is_one_operator_whatever_its_depth():
     x = torch.randn(5, 8)
     shallow, deep = breaks(model(2), x), breaks(model(8), x)
-    assert shallow == deep  # breaks per stack call, not per block or step
-    graphs, count, sites, linears = deep
-    # One break site, the engine's entry, which Dynamo reports once per enclosing frame
-    # (model, stage, stack); everything around it is compiled: the stem and the head.
-    assert len(set(sites)) == 1 and sites[0][0].endswith("sequence.py")
-    assert count == len(sites) + 1 and graphs == 5 and linears == 2
+    assert shallow == deep == (1, 0, [], 2)  # one graph: the stem, the stack's operator, the head
+
+
+def test_a_stack_called_in_a_loop_compiles_with_the_layers_around_it():
+    """nn.Sequential.forward loops over its layers: a graph break there would leave the whole
+    frame eager (NOTE [compile])."""
+    m = model()
+    assert breaks(nn.Sequential(m.stem, m.stage, m.head), torch.randn(5, 8)) == (1, 0, [], 2)
 
 
 def test_compiled_branches_compose_with_a_compiled_model():
@@ -65,19 +71,154 @@ def test_compiled_branches_compose_with_a_compiled_model():
     assert breaks(model(compiled_branches=True), x) == breaks(model(), x)
 
 
+def train_step(module, x, seed=1):
+    torch.manual_seed(seed)  # the same dropout masks
+    module(x).square().sum().backward()
+    return [p.grad.clone() for p in module.parameters()]
+
+
+def assert_equal(a, b):
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("compiled_branches", [False, True])
 def test_compiled_models_train_on_the_same_gradients(compiled_branches):
     x = torch.randn(5, 8)
-    reference = model()
-    torch.manual_seed(1)
-    reference(x).square().sum().backward()
+    reference = train_step(model(), x)
     torch._dynamo.reset()
     eager = model(compiled_branches=compiled_branches)
-    compiled = torch.compile(eager, backend="aot_eager")
-    torch.manual_seed(1)
-    compiled(x).square().sum().backward()
-    for a, b in zip(eager.parameters(), reference.parameters()):
-        torch.testing.assert_close(a.grad, b.grad)
+    compiled = torch.compile(nn.Sequential(eager.stem, eager.stage, eager.head), fullgraph=True)
+    assert_equal(train_step(compiled, x), reference)
+    for p in eager.parameters():
+        p.grad = None
+    assert_equal(train_step(compiled, x), reference)  # the compiled graph, run again
+
+
+class Autocast(nn.Module):
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x):
+        with torch.autocast("cpu", torch.bfloat16):
+            return self.module(x).float()
+
+
+@pytest.mark.parametrize("inside", [False, True])
+def test_compiled_stacks_run_under_the_autocast_state_of_their_call(inside):
+    """Autocast entered inside the compiled module, or around the compiled module; the
+    backward runs outside it, as it should."""
+    x = torch.randn(5, 8)
+    torch._dynamo.reset()
+    reference, compiled = Autocast(model()), model()
+    if inside:
+        compiled = torch.compile(Autocast(compiled), backend="aot_eager", fullgraph=True)
+    else:
+        compiled = Autocast(torch.compile(compiled, backend="aot_eager", fullgraph=True))
+    assert_equal(train_step(compiled, x), train_step(reference, x))
+
+
+class Masked(nn.Module):
+    """A branch with keyword inputs: a mask, a trained (scale, shift) pair, a flag."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(16, 16)
+
+    def forward(self, x, *, mask, affine, square):
+        scale, shift = affine
+        h = self.linear(x) * mask * scale + shift
+        return h.square() if square else h
+
+
+@pytest.mark.parametrize("direction", ["forward", "inverse"])
+def test_compiled_stacks_take_nested_keyword_tensors_and_return_their_gradients(direction):
+    torch.manual_seed(0)
+    blocks = [torchrev.ScaledCoupling(Masked(), Masked(), lam=0.7) for _ in range(3)]
+    stack = torchrev.ReversibleSequential(*blocks).double()
+    x1, x2 = torch.randn(2, 4, 16, dtype=torch.float64, requires_grad=True).unbind(0)
+    mask = (torch.rand(4, 16) > 0.3).double()
+    scale = torch.rand(16, dtype=torch.float64, requires_grad=True)
+    shift = torch.randn(16, dtype=torch.float64, requires_grad=True)
+
+    def step(run):
+        out = getattr(run, direction)(x1, x2, mask=mask, affine=(scale, shift), square=False)
+        loss = sum((o * torch.arange(16.0)).sum() for o in out)
+        return torch.autograd.grad(loss, [x1, x2, scale, shift, *stack.parameters()])
+
+    torch._dynamo.reset()
+    reference = step(stack)
+
+    class Call(nn.Module):
+        def forward(self, *args, **kwargs):
+            return stack(*args, **kwargs)
+
+        def inverse(self, *args, **kwargs):
+            return stack.inverse(*args, **kwargs)
+
+    call = Call()
+    call.forward = torch.compile(call.forward, backend="aot_eager", fullgraph=True)
+    call.inverse = torch.compile(call.inverse, backend="aot_eager", fullgraph=True)
+    assert_equal(step(call), reference)
+
+
+def test_a_compiled_stack_holds_nothing_once_its_graph_is_freed():
+    from torchrev._core import opaque
+
+    compiled = torch.compile(model(), backend="aot_eager")
+    x = torch.randn(5, 8)
+    loss = compiled(x).sum()
+    (run,) = opaque._RUNS.values()
+    run = weakref.ref(run)
+    loss.backward(retain_graph=True)
+    loss.backward()  # retain_graph: the run is kept for a second backward
+    del loss
+    assert not opaque._RUNS and run() is None  # freed at once: no reference cycle
+    with torch.no_grad():
+        compiled(x)
+    assert not opaque._RUNS
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_a_compiled_training_step_peaks_where_the_eager_one_does(backend):
+    """The operator keeps what the eager engine keeps: not the stack's input (its gradient
+    leaves through a node that holds nothing), and nothing that grows with depth."""
+
+    def peak(depth, compiled):
+        torch.manual_seed(0)
+        stack = stack_of(torchrev.AdditiveCoupling, depth, width=16, dtype=torch.float32)
+        run = torch.compile(stack, backend=backend) if compiled else stack
+        x = torch.randn(32, 32)
+
+        def step():
+            y1, y2 = run(*torchrev.Split(1)(x.clone()))
+            (y1.square().sum() + y2.square().sum()).backward()
+
+        step()
+        stack.zero_grad(set_to_none=False)
+        return peak_live_bytes(step)
+
+    torch._dynamo.reset()
+    assert peak(3, True) == peak(12, True) == peak(12, False)
+
+
+def test_a_compiled_meft_decoder_is_one_graph_with_the_eager_gradients():
+    pytest.importorskip("transformers")
+    from tests.tiny_models import decoder, tokens
+
+    model = torchrev.meft(decoder("llama")).train()
+    batch = tokens()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def gradients(run):
+        torch.manual_seed(1)
+        return torch.autograd.grad(run(**batch).loss, params)
+
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(**batch)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+    assert_equal(gradients(torch.compile(model, backend="aot_eager")), gradients(model))
 
 
 @pytest.mark.parametrize("path", ["eval", "no_grad", "reversible=False"])
@@ -97,12 +238,3 @@ def test_plain_paths_compile_into_one_graph(path):
         compiled(x)
     else:
         compiled(x).sum().backward()
-
-
-def test_a_stack_called_in_a_loop_leaves_that_frame_eager():
-    """What the README says does not compile yet: Dynamo gives up on a frame with a graph
-    break inside a loop, as nn.Sequential.forward's loop over its layers is."""
-    m = model()
-    sequential = nn.Sequential(m.stem, m.stage, m.head)
-    _, _, sites, linears = breaks(sequential, torch.randn(5, 8))
-    assert sites and linears == 0  # the stem and the head run eagerly

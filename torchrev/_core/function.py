@@ -407,10 +407,9 @@ def _keeps_graph() -> bool:
     return True if get is None else bool(get())
 
 
-# NOTE [compile]: the engine reads generator states, mode stacks and version counters and
-# builds its autograd nodes by hand, none of which Dynamo can trace; torch.compile treats each
-# stack call as one opaque call instead (one graph break) and compiles everything around it.
-# Branches compiled on their own (torch.compile(f)) run compiled inside it.
+# NOTE [compile] (opaque.py): under torch.compile a stack call reaches the engine as one custom
+# operator. Where this torch cannot define it, Dynamo must not trace the engine: it breaks the
+# graph here instead.
 @torch.compiler.disable
 def reversible_forward(
     blocks: Sequence[AbstractReversibleBlock],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -9,6 +10,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import checkpoint
 
+from . import opaque
 from .block import AbstractReversibleBlock, check_steps
 from .exact import Exact, check_setting, resolve
 from .function import reversible_forward
@@ -109,10 +111,7 @@ class ReversibleSequential(nn.ModuleList):
             blocks[0].check_streams(streams, "ReversibleSequential.forward")
         training = self.training and self._needs_grad(streams, kwargs)
         if self.reversible and training:
-            exact = resolve(self.exact, blocks, streams)
-            return reversible_forward(
-                blocks, streams, kwargs, verify=self.verify, exact=exact, overlap=self.overlap
-            )
+            return self._reversible(streams, kwargs, inverse=False)
         for block in blocks:
             if self.checkpoint_blocks and training:
                 streams = checkpoint(block, *streams, use_reentrant=False, **kwargs)
@@ -132,14 +131,29 @@ class ReversibleSequential(nn.ModuleList):
         if blocks:
             blocks[-1].check_streams(streams, "ReversibleSequential.inverse")
         if self.reversible and self.training and self._needs_grad(streams, kwargs):
-            inverted = [Inverted(block) for block in reversed(blocks)]
-            exact = resolve(self.exact, inverted, streams)
-            return reversible_forward(
-                inverted, streams, kwargs, verify=self.verify, exact=exact, overlap=self.overlap
-            )
+            return self._reversible(streams, kwargs, inverse=True)
         for block in reversed(blocks):
             streams = block.inverse(*streams, **kwargs)
         return tuple(streams)
+
+    def _reversible(
+        self, streams: tuple[Tensor, ...], kwargs: dict[str, Any], inverse: bool
+    ) -> tuple[Tensor, ...]:
+        """The memory-free path, as one operator under torch.compile (NOTE [compile])."""
+        if opaque.AVAILABLE and torch.compiler.is_compiling():
+            return opaque.opaque_call(self, streams, kwargs, inverse)
+        return self._engine(streams, kwargs, inverse)
+
+    def _engine(
+        self, streams: Sequence[Tensor], kwargs: dict[str, Any], inverse: bool
+    ) -> tuple[Tensor, ...]:
+        blocks: list[AbstractReversibleBlock] = list(self)
+        if inverse:
+            blocks = [Inverted(block) for block in reversed(blocks)]
+        exact = resolve(self.exact, blocks, streams)
+        return reversible_forward(
+            blocks, streams, kwargs, verify=self.verify, exact=exact, overlap=self.overlap
+        )
 
     def _needs_grad(self, streams: tuple[Tensor, ...], kwargs: dict[str, Any]) -> bool:
         if not torch.is_grad_enabled():
