@@ -1,10 +1,13 @@
 """Invariant 7: the activation peak of a training step does not grow with depth."""
 
+import weakref
+from typing import ClassVar
+
 import pytest
 import torch
 
 import torchrev
-from tests.helpers import stack_of
+from tests.helpers import mlp, stack_of
 from torchrev.bench import LiveTensorBytes, peak_live_bytes
 
 
@@ -81,6 +84,47 @@ def test_exact_reversal_adds_only_its_corrections_to_the_peak():
     corrections = bits / 32 * stream * 2 * 8  # two steps per block, eight blocks
     extra = peak(True) - peak(False)
     assert corrections <= extra <= corrections + 0.5 * stream
+
+
+class _Probe(torch.autograd.Function):
+    """The identity, ending a branch: records, when its backward starts, whether the branch
+    output it returned is still alive."""
+
+    outputs: ClassVar[list] = []
+    alive: ClassVar[list] = []
+
+    @staticmethod
+    def forward(ctx, x):
+        out = x.clone()
+        _Probe.outputs.append(weakref.ref(out))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        _Probe.alive.append(_Probe.outputs[-1]() is not None)
+        return grad
+
+
+@pytest.mark.parametrize("reversible", [False, True])
+def test_a_branch_output_is_freed_before_its_backward_as_in_plain_autograd(reversible):
+    """The engine differentiates a branch from its output's gradient edge, not the output."""
+    torch.manual_seed(0)
+    f, g = mlp(8), mlp(8)
+    block = torchrev.ScaledCoupling(
+        torch.nn.Sequential(f, _ProbeModule()), torch.nn.Sequential(g, _ProbeModule()), lam=0.5
+    )
+    stack = torchrev.ReversibleSequential(block, reversible=reversible).double()
+    x1, x2 = torch.randn(2, 4, 8, dtype=torch.float64, requires_grad=True).unbind(0)
+    _Probe.outputs.clear()
+    _Probe.alive.clear()
+    y1, y2 = stack(x1, x2)
+    (y1.sum() + y2.sum()).backward()
+    assert _Probe.alive == [False, False]
+
+
+class _ProbeModule(torch.nn.Module):
+    def forward(self, x):
+        return _Probe.apply(x)
 
 
 def test_plain_peak_grows_with_depth_so_the_measurement_can_fail():

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.func import functional_call
 from torch.overrides import has_torch_function
 
@@ -228,7 +229,13 @@ class _Step:
                 # As autograd casts a gradient to its input's dtype (a bf16 branch output
                 # under autocast updating a float32 stream): differentiating the branch from a
                 # float32 gradient would round differently from plain autograd.
-                grads = _grad([(h, d_h.to(h.dtype))], consumed, seeds, wanted + targets)
+                d_h = d_h.to(h.dtype)
+                # The branch is differentiated from its output's gradient edge, so that the
+                # output itself is freed first (autograd keeps it only where a backward
+                # formula reads it): one stream-sized tensor less at the step's peak.
+                roots = [(get_gradient_edge(h), d_h)] if h.requires_grad else []
+                del h
+                grads = _grad(roots, consumed, seeds, wanted + targets)
             else:
                 with torch.enable_grad(), self.call.autocast.replayed():
                     inp_ = inp.detach().requires_grad_(want_inp)
@@ -308,7 +315,7 @@ class _Step:
 
 
 def _grad(
-    roots: list[tuple[Tensor, Tensor]],
+    roots: list[tuple[Tensor | GradientEdge, Tensor]],
     consumed: list[Tensor],
     seeds: list[Tensor | None],
     inputs: list[Tensor],
@@ -327,7 +334,7 @@ def _grad(
     argument overrides torch functions.
     """
     with torch.enable_grad():
-        roots = [(t, g) for t, g in roots if t.requires_grad]
+        roots = [(t, g) for t, g in roots if isinstance(t, GradientEdge) or t.requires_grad]
         roots += [(t.view_as(t), g) for t, g in zip(consumed, seeds) if g is not None]
     if not inputs or not roots:
         return [None] * len(inputs)
