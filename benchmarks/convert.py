@@ -12,10 +12,13 @@
   model of width 768 (12 heads, MLP 2048, vocabulary 32000) at 12, 24 and 48 layers and GPT-2
   small's shape, at sequence 1024 and (``--long-seq``) 4096, under full fine-tuning, LoRA (peft,
   r=8 on its default targets) with and without gradient checkpointing (what users pick to save
-  activation memory), MEFT1 with every layer reversible (exact reversal) and Re2TAL rewiring
-  with LoRA r=8 on top: activation memory of a causal-LM training step, trainable parameters,
-  and step time over LoRA + gradient checkpointing's, paired within each round (CPU seconds of
-  this process on one thread: on a shared machine wall-clock rounds measure the other load).
+  activation memory), MEFT1 with every layer reversible (exact reversal; its attention
+  recomputed in the layer's backward, the default, or not) and Re2TAL rewiring with LoRA r=8 on
+  top: activation memory of a causal-LM training step, trainable parameters, and step time over
+  LoRA + gradient checkpointing's, paired within each round (CPU seconds of this process on one
+  thread: on a shared machine wall-clock rounds measure the other load), beside the ratio of
+  their flops (matrix products and attention, recomputations included): the floor of the time
+  ratio.
   Full fine-tuning and LoRA alone run at ``--all-methods-layers`` depths and for GPT-2 only.
 
 Run ``python benchmarks/convert.py`` (needs the hf extra: transformers, peft); ``--parts
@@ -43,6 +46,7 @@ from torchrev.bench import (
     interleaved_times,
     median_ratio,
     retain_freed_memory,
+    step_flops,
     training_step_peak,
     write_results,
 )
@@ -205,10 +209,16 @@ DECODER_METHODS = (
     "LoRA r=8 (peft)",
     "LoRA r=8 + gradient checkpointing",
     "MEFT1, every layer reversible (exact)",
+    "MEFT1, attention not recomputed",
     "Re2TAL rewired + LoRA r=8",
 )
 BASELINE = DECODER_METHODS[2]
-RATIOS = ("vs_checkpointing", "layers_vs_checkpointing", "time_vs_checkpointing")
+RATIOS = (
+    "vs_checkpointing",
+    "layers_vs_checkpointing",
+    "time_vs_checkpointing",
+    "flops_vs_checkpointing",
+)
 
 
 def decoder(kind: str, layers: int, width: int, seq: int) -> nn.Module:
@@ -244,7 +254,7 @@ def prepare(model: nn.Module, method: str) -> nn.Module:
     gpt2 = model.config.model_type == "gpt2"  # its projections are Conv1D, weights transposed
     config = LoraConfig(r=8, lora_alpha=16, task_type="CAUSAL_LM", fan_in_fan_out=gpt2)
     if method.startswith("MEFT1"):
-        return torchrev.meft(model, variant=1)
+        return torchrev.meft(model, variant=1, recompute_attention="not recomputed" not in method)
     if method.startswith("Re2TAL"):
         return with_lora(torchrev.rewire(model, trainable=()), config)
     if method.startswith("LoRA"):
@@ -309,12 +319,15 @@ def decoder_rows(
         )
         if timed:
             steps[method] = step
+            row["flops"] = step_flops(step)  # matrix products and attention, recomputations too
         del model, step, layers_step
     base = next((r for r in rows if r["method"] == BASELINE), None)
     for row in rows if base else ():
         row["vs_checkpointing"] = row["activation_mib"] / base["activation_mib"]
         row["layers_vs_checkpointing"] = row["layers_mib"] / base["layers_mib"]
     if timed and base:
+        for row in rows:
+            row["flops_vs_checkpointing"] = row["flops"] / base["flops"]
         time_rows(rows, steps, args.decoder_repeats)
     return rows
 
@@ -339,7 +352,7 @@ def time_rows(rows: list[dict], steps: dict[str, Callable[[], None]], repeats: i
 def decoder_table(rows: list[dict]) -> str:
     lines = [
         "| model | method | activation MiB | layers alone MiB | trainable parameters "
-        "| step time | against LoRA + checkpointing (memory, layers alone, time) |",
+        "| step time | against LoRA + checkpointing (memory, layers alone, time, flops) |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:

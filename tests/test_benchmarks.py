@@ -107,7 +107,10 @@ def test_convert_benchmark_quick(tmp_path):
     rows = json.loads((tmp_path / "convert-decoders-cpu.json").read_text())["rows"]
     assert {r["seq"] for r in rows} == {16, 32} and all(r["layers_mib"] > 0 for r in rows)
     timed = [r for r in rows if "time_vs_checkpointing" in r]
-    assert len(timed) == 5 and all(r["trainable_parameters"] > 0 for r in timed)
+    assert len(timed) == 6 and all(r["trainable_parameters"] > 0 for r in timed)
+    flops = {r["method"]: r["flops_vs_checkpointing"] for r in timed}
+    # the recomputed attention is the one more forward of MEFT's default
+    assert flops["MEFT1, attention not recomputed"] < flops["MEFT1, every layer reversible (exact)"]
     rows = json.loads((tmp_path / "convert-cpu.json").read_text())["rows"]
     meft = next(r for r in rows if r["method"].startswith("MEFT1, 12"))
     assert meft["vs_full"] < 1

@@ -145,11 +145,12 @@ class Correction:
         diff = rebuilt.view(int_type)
         torch.sub(x.view(int_type), diff, out=diff)
         diff = diff.reshape(-1)
-        widths = _plan(diff, torch.iinfo(int_type).bits, compact)
+        plan = _plan(diff, torch.iinfo(int_type).bits, compact)
+        widths = tuple(width for width, _ in plan)
         levels, counts, index = [], [], None
-        for width in widths:
+        for width, fraction in plan:
             counts.append(diff.numel())
-            codes, escapes = _encode(diff, width)
+            codes, escapes = _encode(diff, width, fraction)
             if index is None and not compact:
                 small = torch.int32 if diff.numel() < 2**31 else torch.int64
                 index = escapes.to(small)
@@ -173,7 +174,8 @@ class Correction:
         return rebuilt
 
     def _escapes(self, level: int, codes: Tensor) -> Tensor:
-        return _find(codes, -(1 << (self.widths[level] - 1)))
+        fraction = self.counts[level + 1] / max(1, self.counts[level])
+        return _find(codes, -(1 << (self.widths[level] - 1)), fraction=fraction)
 
     def _decode(self, level: int, int_type: torch.dtype) -> Tensor:
         """The differences that ``level`` and the levels after it hold, one per code, as a
@@ -189,12 +191,15 @@ class Correction:
         return sum(t.nbytes for t in self.levels) + (0 if self.index is None else self.index.nbytes)
 
 
-def _plan(diff: Tensor, full: int, compact: bool, samples: int = 4096) -> tuple[int, ...]:
+def _plan(
+    diff: Tensor, full: int, compact: bool, samples: int = 4096
+) -> tuple[tuple[int, float], ...]:
     """The widths of the levels that store the fewest bits, judged on about ``samples``
     evenly spaced differences: ``w0`` bits for every element, ``w1`` for each that does not
     fit ``w0`` (and 32 for its position unless ``compact``), ..., ``full`` for each that fits
     none, and :data:`LEVEL_COST` per level; unless ``compact``, only plans of one or two levels
-    whose first code has 4 bits or more (fewer passes)."""
+    whose first code has 4 bits or more (fewer passes). Each width comes with the fraction of
+    its level's codes the sample says will escape."""
     sample = diff[:: max(1, diff.numel() // samples)]
     magnitude = sample.abs()
     magnitude[magnitude < 0] = torch.iinfo(diff.dtype).max  # abs of the most negative value
@@ -210,33 +215,37 @@ def _plan(diff: Tensor, full: int, compact: bool, samples: int = 4096) -> tuple[
             wider = (*chosen[1:], full)
             cost = chosen[0] + sum(reach[w] * v + LEVEL_COST for w, v in zip(chosen, wider))
             best = min(best, (cost + (0 if compact else 32 * reach[chosen[0]]), chosen))
-    return best[1]
+    chosen = best[1]
+    above = (1.0, *(reach[w] for w in chosen))  # what reaches each level
+    return tuple((w, reach[w] / max(a, 1e-9)) for w, a in zip(chosen, above))
 
 
-def _encode(diff: Tensor, width: int) -> tuple[Tensor, Tensor]:
+def _encode(diff: Tensor, width: int, fraction: float) -> tuple[Tensor, Tensor]:
     """``width``-bit codes of the 1-D ``diff``, packed, and the positions of those that do not
-    fit (coded as ``-2^(w-1)``), in order."""
+    fit (coded as ``-2^(w-1)``), in order; about ``fraction`` of them do not."""
     half = 1 << (width - 1)
     narrow = diff.clamp(-half, half).to(_STORE[max(8, width)])  # +-half wrap to -half
     if width < 8:
         narrow = narrow.view(torch.uint8).bitwise_and_((1 << width) - 1)
-    escapes = _find(narrow, half if width < 8 else -half, small=width < 8)
+    escapes = _find(narrow, half if width < 8 else -half, width < 8, fraction)
     return _pack(narrow, width), escapes
 
 
-def _find(narrow: Tensor, value: int, small: bool = False) -> Tensor:
+def _find(narrow: Tensor, value: int, small: bool = False, fraction: float = 0.0) -> Tensor:
     """Positions of ``value`` in a 1-D tensor of 8-, 16- or 32-bit integers, in order;
-    ``small``: every entry is below its lane's top bit (codes of under 8 bits in bytes).
+    ``small``: every entry is below its lane's top bit (codes of under 8 bits in bytes);
+    ``fraction``: about what fraction of the entries match.
 
-    Few entries match, so the search reads 64 bits at a time as one word, keeps the words
-    that hold a matching lane (the classic "has a zero lane" test on ``word ^ value``, exact
-    for the word as a whole, and one operation shorter when no lane has its top bit set) and
-    only compares lanes inside those.
+    Where few match, the search reads 64 bits at a time as one word, keeps the words that
+    hold a matching lane (the classic "has a zero lane" test on ``word ^ value``, exact for
+    the word as a whole, and one operation shorter when no lane has its top bit set) and only
+    compares lanes inside those. Where a third of the words or more would hold one (a 2-bit
+    first code escapes often), comparing every entry at once is faster.
     """
     lane = narrow.element_size() * 8
     per_word = 64 // lane
     n = narrow.numel()
-    if lane == 64 or n % per_word or n < 1024:
+    if lane == 64 or n % per_word or n < 1024 or fraction * per_word > 1 / 3:
         return (narrow == value).nonzero().squeeze(1)
     ones = sum(1 << (lane * k) for k in range(per_word))
     pattern = (value & ((1 << lane) - 1)) * ones
