@@ -47,6 +47,7 @@ def test_update_vjp_matches_autograd(cls, options, half):
     h = torch.randn(coupling.branch_shape(x, half), dtype=F64, requires_grad=True)
     d_y = torch.randn(3, 4, dtype=F64)
     vjp = coupling.update_vjp(x.detach(), h.detach(), d_y, half)
+    vjp = [v() if callable(v) else v for v in vjp]  # dL/dx may come deferred
     want = torch.autograd.grad(coupling.update(x, h, half), (x, h), d_y)
     for got, expected in zip(vjp, want):
         torch.testing.assert_close(got, expected, rtol=1e-14, atol=0)

@@ -127,6 +127,27 @@ class _ProbeModule(torch.nn.Module):
         return _Probe.apply(x)
 
 
+def test_a_scaled_step_peaks_where_an_additive_one_does():
+    """A scaled step's input gradient (``lam * dL/dy``) is computed after its branch's backward
+    (update_vjp defers it), so it is not alive at the step's peak."""
+
+    def peak(cls, **options):
+        torch.manual_seed(0)
+        stack = stack_of(cls, 4, width=16, dtype=torch.float32, **options)
+        stack.exact = False
+        x = torch.randn(64, 32)
+
+        def step():
+            y1, y2 = stack(*torchrev.Split(1)(x.clone().requires_grad_()))
+            (y1.square().sum() + y2.square().sum()).backward()
+
+        step()
+        return peak_live_bytes(step)
+
+    scaled = peak(torchrev.ScaledCoupling, lam=0.5, beta=0.25)
+    assert scaled == peak(torchrev.AdditiveCoupling)
+
+
 def test_plain_peak_grows_with_depth_so_the_measurement_can_fail():
     shallow, deep = training_step_peak(3, False), training_step_peak(12, False)
     assert deep > 3 * shallow

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -79,12 +79,15 @@ class AbstractReversibleBlock(nn.Module, ABC):
 
     def update_vjp(
         self, x: Tensor, h: Tensor, d_y: Tensor, step: int
-    ) -> tuple[Tensor, Tensor] | None:
+    ) -> tuple[Tensor | Callable[[], Tensor], Tensor] | None:
         """``(dL/dx, dL/dh)`` of ``y = update(x, h)`` given ``dL/dy``, or None to let autograd
         differentiate :meth:`update` (the default, needed when it uses parameters).
 
         Simple updates override this so that the backward need not rebuild ``y`` to
-        differentiate it: one stream-sized tensor less at the memory peak.
+        differentiate it: one stream-sized tensor less at the memory peak. ``dL/dx`` may come
+        as a function that computes it (``lambda: lam * d_y``): the engine calls it once the
+        branch is differentiated, so that it is not alive during the branch's backward, one
+        stream-sized tensor less again.
         """
         return None
 

@@ -243,6 +243,9 @@ class _Step:
                 inputs = ([inp_] if want_inp else []) + wanted + targets
                 grads = _grad([(out_, d_out)], consumed, seeds, inputs)
                 d_inp = grads.pop(0) if want_inp else None
+        if callable(d_inp):  # deferred by update_vjp until the branch is differentiated
+            with torch.no_grad():
+                d_inp = d_inp() if want_inp else None
         d_sources = [grads.pop(0) if w else None for w in want_sources]
         return inp, d_inp if want_inp else None, d_sources, grads
 

@@ -52,9 +52,11 @@ class MomentumCoupling(AbstractCoupling):
             return x.mul_(self.gamma).add_(h, alpha=1 - self.gamma)
         return x.add_(h)
 
-    def update_vjp(self, x: Tensor, h: Tensor, d_y: Tensor, step: int) -> tuple[Tensor, Tensor]:
+    def update_vjp(
+        self, x: Tensor, h: Tensor, d_y: Tensor, step: int
+    ) -> tuple[Tensor | Callable[[], Tensor], Tensor]:
         if step == 0:
-            return self.gamma * d_y, (1 - self.gamma) * d_y
+            return (lambda: self.gamma * d_y), (1 - self.gamma) * d_y
         return d_y, d_y
 
     def revert_vjp(self, y: Tensor, h: Tensor, d_x: Tensor, step: int) -> tuple[Tensor, Tensor]:

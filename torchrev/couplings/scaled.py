@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from torch import Tensor, nn
 
@@ -49,8 +50,11 @@ class ScaledCoupling(AbstractCoupling):
     def update_(self, x: Tensor, h: Tensor, step: int) -> Tensor:
         return x.mul_(self._scale(step)).add_(h)
 
-    def update_vjp(self, x: Tensor, h: Tensor, d_y: Tensor, step: int) -> tuple[Tensor, Tensor]:
-        return self._scale(step) * d_y, d_y
+    def update_vjp(
+        self, x: Tensor, h: Tensor, d_y: Tensor, step: int
+    ) -> tuple[Tensor | Callable[[], Tensor], Tensor]:
+        scale = self._scale(step)
+        return (d_y if scale == 1 else lambda: scale * d_y), d_y  # 1 * d_y is d_y, bit for bit
 
     def revert_vjp(self, y: Tensor, h: Tensor, d_x: Tensor, step: int) -> tuple[Tensor, Tensor]:
         d_y = d_x / self._scale(step)
