@@ -28,7 +28,7 @@ per step (``tests/test_exact.py``, ``benchmarks/engine.py``): 4.2 to 4.9 bits (c
 2.7) for additive, momentum, affine and float16 steps, 6.4 (compact 4.0) for scales of 0.1,
 8.2 (5.7) for lam = beta = 0.1, against ``B`` (16 to 64) for storing the input; MEFT on
 MiniLM 6.3 (compact 3.9). Time, paired with the float engine on 2 CPU threads (additive
-MLP branches of width 64, 256, 1024): 1.37x, 1.16x, 1.06x (compact 1.59x, 1.29x, 1.10x); the
+MLP branches of width 64, 256, 1024): 1.35x, 1.16x, 1.06x (compact 1.61x, 1.29x, 1.10x); the
 passes are memory-bound, so they weigh against the branch's arithmetic per element and
 transformer layers hardly notice them.
 

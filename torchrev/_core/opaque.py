@@ -271,7 +271,7 @@ _LIBRARY = torch.library.Library("torchrev", "FRAGMENT")
 
 
 def _define() -> bool:
-    """Register the operator pair; False where this torch cannot (before 2.5)."""
+    """Register the operator pair; False where this torch cannot (older releases)."""
     try:
         forward = torch.library.custom_op(
             "torchrev::stack_call",
