@@ -147,13 +147,15 @@ def assert_inverse_training_matches_plain(stack: torchrev.ReversibleSequential) 
     assert_close_tensors(results[1], results[0], 1e-10)
 
 
-def run_ranks(worker: str, tmp: Path, world: int = 2, timeout: float = 240) -> Path:
-    """Run ``python -m worker RANK WORLD INIT OUT`` once per rank from the repository root
-    and return OUT, which the worker writes; fail with every rank's log if one fails."""
+def run_ranks(
+    worker: str, tmp: Path, world: int = 2, timeout: float = 240, args: Sequence[str] = ()
+) -> Path:
+    """Run ``python -m worker RANK WORLD INIT OUT *args`` once per rank from the repository
+    root and return OUT, which the worker writes; fail with every rank's log if one fails."""
     out, init = tmp / "results.pt", f"file://{tmp / 'init'}"
     ranks = [
         subprocess.Popen(
-            [sys.executable, "-m", worker, str(rank), str(world), init, str(out)],
+            [sys.executable, "-m", worker, str(rank), str(world), init, str(out), *args],
             cwd=Path(__file__).parent.parent,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

@@ -105,6 +105,20 @@ class Autocast(nn.Module):
             return self.module(x).float()
 
 
+def test_a_compiled_stack_takes_every_batch_size_in_one_graph():
+    torch._dynamo.reset()
+    graphs = torch._dynamo.utils.counters["stats"]
+    before = graphs["unique_graphs"]
+    reference, compiled = model(), model()
+    run = torch.compile(compiled, backend="aot_eager", dynamic=True, fullgraph=True)
+    for batch in (5, 7, 9):
+        for p in (*reference.parameters(), *compiled.parameters()):
+            p.grad = None
+        x = torch.randn(batch, 8)
+        assert_equal(train_step(run, x), train_step(reference, x))
+    assert graphs["unique_graphs"] - before == 1
+
+
 @pytest.mark.parametrize("inside", [False, True])
 def test_compiled_stacks_run_under_the_autocast_state_of_their_call(inside):
     """Autocast entered inside the compiled module, or around the compiled module; the

@@ -1,13 +1,16 @@
 """DistributedDataParallel over gloo: two processes give the single-process gradients."""
 
+import pytest
 import torch
 
 from tests._ddp_worker import batch, build
 from tests.helpers import run_ranks
 
 
-def test_ddp_gradients_equal_single_process(tmp_path):
-    out = run_ranks("tests._ddp_worker", tmp_path, timeout=120)
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_ddp_gradients_equal_single_process(tmp_path, compiled):
+    args = ["compile"] if compiled else []
+    out = run_ranks("tests._ddp_worker", tmp_path, timeout=180, args=args)
     got = torch.load(out, weights_only=True)
     stage = build()
     stage(batch()).square().sum().backward()
