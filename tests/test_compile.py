@@ -235,6 +235,22 @@ def test_a_compiled_meft_decoder_is_one_graph_with_the_eager_gradients():
     assert_equal(gradients(torch.compile(model, backend="aot_eager")), gradients(model))
 
 
+class ToFloat32(nn.Module):
+    def forward(self, x):
+        return x.float()
+
+
+def test_a_compiled_stack_that_changes_its_streams_dtype_is_refused():
+    """The operator's output metadata is its input's; a stack promoting bf16 streams to
+    float32 (a float32 branch output added to them) would break that, so it raises."""
+    torch._dynamo.reset()
+    stack = torchrev.ReversibleSequential(torchrev.AdditiveCoupling(ToFloat32(), ToFloat32()))
+    x1, x2 = torch.randn(2, 3, 4, dtype=torch.bfloat16, requires_grad=True).unbind(0)
+    assert stack(x1, x2)[0].dtype == torch.float32  # eager promotes, as plain autograd does
+    with pytest.raises(RuntimeError, match="must keep its streams' shapes and dtypes"):
+        torch.compile(stack, backend="aot_eager")(x1, x2)
+
+
 @pytest.mark.parametrize("path", ["eval", "no_grad", "reversible=False"])
 def test_plain_paths_compile_into_one_graph(path):
     torch._dynamo.reset()
