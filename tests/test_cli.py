@@ -128,6 +128,20 @@ def test_interrupt_in_the_first_epoch_says_nothing_was_kept(tmp_path, monkeypatc
     assert "<out>" not in err and "--resume" not in err
 
 
+def test_compiled_training_reports_what_eager_training_does(tiny_run, tmp_path, capsys):
+    """--compile trains under torch.compile (aot_eager here: Inductor's C++ builds take CI
+    minutes; tests/test_compile.py trains a RevNet with Inductor) on the same gradients."""
+    out = tmp_path / "compiled"
+    assert main(["train", "--epochs", "1", *TINY, "--compile", "aot_eager", "--out", str(out)]) == 0
+    eager, compiled = (json.loads((run / "metrics.json").read_text()) for run in (tiny_run, out))
+    eager.pop("wall_seconds"), compiled.pop("wall_seconds")
+    assert compiled == eager
+    with pytest.raises(SystemExit) as exit:
+        main(["train", "--compile", "nope", "--out", str(tmp_path / "x")])
+    assert exit.value.code == 2
+    one_line_error(capsys, "--compile", "torch.compile backend")
+
+
 def test_unknown_model_is_one_line_and_writes_nothing(tmp_path):
     result = run_cli("train", "--model", "revnet39", "--out", "out", cwd=tmp_path)
     assert result.returncode == 2

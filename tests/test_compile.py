@@ -9,6 +9,7 @@ from torch import nn
 import torchrev
 from tests.helpers import stack_of
 from torchrev.bench import peak_live_bytes
+from torchrev.models import create_model
 
 
 def branch():
@@ -233,6 +234,37 @@ def test_a_compiled_meft_decoder_is_one_graph_with_the_eager_gradients():
     explained = torch._dynamo.explain(model)(**batch)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0)
     assert_equal(gradients(torch.compile(model, backend="aot_eager")), gradients(model))
+
+
+def test_inductor_trains_a_revnet_with_batch_norm_on_the_eager_gradients():
+    """Inductor passes detached aliases of the parameters to the backward operator, which
+    therefore differentiates the stack's own (it used to fail here); convolutions and batch
+    norm around the stacks are fused, so the gradients agree to rounding."""
+    torch._dynamo.reset()
+
+    def revnet():
+        torch.manual_seed(0)
+        return create_model("revnet38", channels=(8, 16, 16), blocks=(1, 1, 1), num_classes=10)
+
+    eager, compiled = revnet(), revnet()
+    x = torch.randn(16, 3, 8, 8)
+    reference = train_step(eager, x)
+    got = train_step(torch.compile(compiled), x)
+    for a, b in zip(got, reference, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for a, b in zip(compiled.buffers(), eager.buffers(), strict=True):
+        torch.testing.assert_close(a, b)  # batch norm's running statistics, updated once
+
+
+def test_a_compiled_branch_that_modifies_its_input_in_place_is_detected():
+    """The operator lifts the exclusion of ADInplaceOrView, so version counters move inside it
+    and the engine's check still sees the in-place write."""
+    torch._dynamo.reset()
+    inplace = nn.Sequential(nn.ReLU(inplace=True), nn.Linear(16, 16))
+    stack = torchrev.ReversibleSequential(torchrev.AdditiveCoupling(inplace, branch()))
+    x1, x2 = torch.randn(2, 5, 16, requires_grad=True).unbind(0)
+    with pytest.raises(torchrev.ReversibilityError, match="inplace=False"):
+        torch.compile(stack, backend="aot_eager")(x1, x2)
 
 
 class ToFloat32(nn.Module):

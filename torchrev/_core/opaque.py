@@ -19,10 +19,10 @@ Each forward run keeps its engine graph, which holds no activations, in ``_RUNS`
 number returned as a small CPU tensor, the handle: the compiled graph saves the handle for
 backward, and the run is dropped when the handle dies.
 
-The operators' implementations run below autograd (its dispatch keys excluded, as for every
-operator); :func:`_eager` lifts that, so that the engine records its branches' graphs as eager
-code does. It and :func:`_autocast_kernel` are this file's calls into torch's private
-dispatcher API.
+The operators' implementations run below autograd and ADInplaceOrView (their dispatch keys
+excluded, as for every operator); :func:`_eager` lifts that, so that the engine records its
+branches' graphs and reads version counters as in eager code. It and :func:`_autocast_kernel`
+are this file's calls into torch's private dispatcher API.
 """
 
 from __future__ import annotations
@@ -61,6 +61,12 @@ class _Site:
     slots: tuple[int, ...]  # where the tensors go
     needs: tuple[bool, ...]  # which streams require grad
     trained: tuple[bool, ...]  # which of the kwargs' tensors require grad
+
+    def live_stack(self) -> _Stack:
+        stack = self.stack()
+        if stack is None:
+            raise RuntimeError("torchrev: a compiled graph outlived the reversible stack it calls.")
+        return stack
 
     def kwargs(self, tensors: Sequence[Tensor]) -> dict[str, Any]:
         leaves = list(self.leaves)
@@ -104,19 +110,35 @@ def opaque_call(
     needs = tuple(s.requires_grad for s in streams)
     trained = tuple(t.requires_grad for t in tensors)
     site = _register(stack, inverse, skeleton, slots, needs, trained)
-    params = [p for p in stack.parameters() if p.requires_grad]
+    params = _trained(stack)
     *outputs, _ = torch.ops.torchrev.stack_call(site, list(streams), tensors, params, None)
     return tuple(outputs)
 
 
+def _trained(stack: _Stack) -> list[Tensor]:
+    """The parameters the operator returns gradients for. The operator takes them as inputs,
+    so that the compiled graph routes those gradients, but differentiates the stack's own:
+    what a compiled backward passes in their place may be detached aliases."""
+    return [p for p in stack.parameters() if p.requires_grad]
+
+
+#: Every dispatch key but autocast's, whose exclusion is how autocast is off.
+_NOT_AUTOCAST = [
+    key
+    for name, key in vars(torch._C.DispatchKey).items()
+    if isinstance(key, torch._C.DispatchKey) and not name.startswith("Autocast")
+]
+
+
 def _eager() -> Any:
-    """Dispatch to autograd as eager code does: an operator's implementation runs below it
-    (its dispatch keys excluded), where the engine could not record its branches' graphs in
-    backward. Autocast needs no such lift: its keys are excluded exactly while it is off."""
-    keys = torch._C.DispatchKey
+    """Dispatch as eager code does. An operator's implementation runs with the keys above
+    the backend excluded: autograd (the engine could not record its branches' graphs in
+    backward), ADInplaceOrView (in-place writes would not bump version counters, which the
+    engine reads to find the buffers a branch wrote and the inputs it modified), and more.
+    This lifts every exclusion but autocast's, which says whether autocast is on."""
     exclude = torch._C._dispatch_tls_local_exclude_set()
-    for name in ("AutogradFunctionality", "AutogradOther", "AutogradNestedTensor"):
-        exclude = exclude.remove(getattr(keys, name))
+    for key in _NOT_AUTOCAST:
+        exclude = exclude.remove(key)
     return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
 
 
@@ -145,9 +167,7 @@ def _stack_call(
     autocast: torch.dtype | None,
 ) -> list[Tensor]:
     site = _SITES[site_number]
-    stack = site.stack()
-    if stack is None:
-        raise RuntimeError("torchrev: a compiled graph outlived the reversible stack it calls.")
+    stack = site.live_stack()
     run = _Run([], torch.empty(0, requires_grad=True), [])
     taken = [s for s, n in zip(streams, site.needs) if n]
     taken += [t for t, n in zip(tensors, site.trained) if n]
@@ -195,10 +215,9 @@ def _stack_call_backward(
     site = _SITES[site_number]
     run = _RUNS[int(handle.item())]
     run.grads.clear()
+    wrt = [run.anchor, *_trained(site.live_stack())]
     with _eager():
-        found = torch.autograd.grad(
-            run.outputs, [run.anchor, *params], grads, retain_graph=True, allow_unused=True
-        )
+        found = torch.autograd.grad(run.outputs, wrt, grads, retain_graph=True, allow_unused=True)
     received = iter(run.grads)
     out = [next(received) if n else None for n in site.needs]
     out += [next(received) for n in site.trained if n]

@@ -52,6 +52,18 @@ def nonnegative_float(text: str) -> float:
     return _number(text, float, lambda v: 0 <= v < float("inf"), "a number >= 0")
 
 
+def compile_backend(text: str) -> str:
+    """A torch.compile backend this torch knows (``torch.compiler.list_backends``)."""
+    import torch
+
+    if text not in torch.compiler.list_backends(exclude_tags=()):
+        raise argparse.ArgumentTypeError(
+            f"must be a torch.compile backend such as inductor or aot_eager "
+            f"(torch.compiler.list_backends() lists them), got {text!r}"
+        )
+    return text
+
+
 def keyword(text: str) -> tuple[str, Any]:
     """``KEY=VALUE`` with VALUE a Python literal (``depth=4``, ``channels=(8,16,16)``) or a
     bare string."""

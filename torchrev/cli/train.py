@@ -29,6 +29,7 @@ from .loop import RunConfig, step_peak, train_epoch
 from .options import (
     HelpFormatter,
     add_out,
+    compile_backend,
     keyword,
     nonnegative_float,
     positive_float,
@@ -99,6 +100,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="stop after this epoch (the schedule still spans --epochs); --resume continues",
     )  # fmt: skip
     parser.add_argument(
+        "--compile", nargs="?", const="inductor", default=None, type=compile_backend,
+        metavar="BACKEND",
+        help="train under torch.compile, each reversible stack as one operator (BACKEND: "
+        "inductor when omitted, or another torch.compile backend such as aot_eager)",
+    )  # fmt: skip
+    parser.add_argument(
         "--strategy", choices=STRATEGIES, default=None,
         help="under torchrun: DistributedDataParallel or FSDP2 (sharded parameters, optimizer "
         "state and checkpoints) (default: ddp under torchrun)",
@@ -113,6 +120,8 @@ def run(args: argparse.Namespace) -> int:
         checkpoint.require_resumable(resumed)
     strategy = settings.resume_strategy(args, resumed)
     distributed.check_strategy(strategy)
+    if args.compile and strategy == "fsdp":
+        raise CliError("--compile with --strategy fsdp is not supported yet; use ddp")
     device = settings.device(args.device)
     config = settings.run_config(args, resumed)
     done = resumed.document["epoch"] if resumed else 0
@@ -169,6 +178,8 @@ def _run(
         flush=True,
     )
     fit = _Fit(model, optimizer, data, config, device, out, log, document, processes)
+    if args.compile:  # the training steps only: evaluation and checkpoints use the module
+        fit.step_model = torch.compile(model, backend=args.compile)
     stop = args.stop_after or config.epochs
     try:
         fit(state, stop)
@@ -219,6 +230,7 @@ class _Fit:
         self.model, self.optimizer, self.data, self.config = model, optimizer, data, config
         self.device, self.out, self.log, self.document = device, out, log, document
         self.processes = processes
+        self.step_model = model  # what the training steps call: the model, or it compiled
 
     def __call__(self, state: dict[str, Any], stop: int) -> None:
         """Train from ``state['epoch']`` to epoch ``stop``, updating ``state`` each epoch."""
@@ -227,7 +239,7 @@ class _Fit:
         began = time.perf_counter() - state["wall_seconds"]
         for epoch in range(state["epoch"], stop):
             started = time.perf_counter()
-            scores = train_epoch(self.model, self.optimizer, data, config, epoch, loss_fn,
+            scores = train_epoch(self.step_model, self.optimizer, data, config, epoch, loss_fn,
                                  self.device, processes)  # fmt: skip
             distributed.sync_buffers(self.model, processes)
             row: dict[str, Any] = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"]}
