@@ -1,4 +1,4 @@
-"""torch.compile: the engine is one opaque call, everything around it compiles."""
+"""torch.compile: each training stack call is one operator, everything around it compiles."""
 
 import weakref
 
