@@ -43,6 +43,8 @@ from .state import BufferWatch, RngState, Written, buffers_preserved
 __all__ = ["Trace", "reversible_forward"]
 
 Grads = list[Tensor | None]
+#: Whether autograd.grad takes gradient edges as outputs (torch 2.5 on); see _grad's callers.
+EDGE_OUTPUTS = torch.__version__ >= (2, 5)
 _UNTRACKED = (
     "Make each one an nn.Parameter of a module inside {what}, pass it to the stack call as a "
     "keyword argument, or detach it if it should not train."
@@ -233,7 +235,9 @@ class _Step:
                 # The branch is differentiated from its output's gradient edge, so that the
                 # output itself is freed first (autograd keeps it only where a backward
                 # formula reads it): one stream-sized tensor less at the step's peak.
-                roots = [(get_gradient_edge(h), d_h)] if h.requires_grad else []
+                roots = []
+                if h.requires_grad:
+                    roots = [(get_gradient_edge(h) if EDGE_OUTPUTS else h, d_h)]
                 del h
                 grads = _grad(roots, consumed, seeds, wanted + targets)
             else:

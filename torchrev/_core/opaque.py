@@ -39,6 +39,8 @@ from torch import Tensor
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
+from .function import EDGE_OUTPUTS
+
 __all__ = ["AVAILABLE", "opaque_call"]
 
 
@@ -290,7 +292,10 @@ _LIBRARY = torch.library.Library("torchrev", "FRAGMENT")
 
 
 def _define() -> bool:
-    """Register the operator pair; False where this torch cannot (older releases)."""
+    """Register the operator pair; False where this torch cannot (before 2.5: no operator
+    tags, and autograd.grad takes no gradient edges as outputs)."""
+    if not EDGE_OUTPUTS:
+        return False
     try:
         forward = torch.library.custom_op(
             "torchrev::stack_call",
