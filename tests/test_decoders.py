@@ -113,14 +113,14 @@ def test_llama_bf16_autocast_gradients_bitwise():
     assert all(torch.equal(a, b) for a, b in zip(grads(model, tokens(), True, bf16), want))
 
 
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")  # peft, some versions
 def test_lora_on_a_rewired_decoder_gradients_bitwise():
     """peft's LoRA injects into the same attention modules the rewired branches call."""
     from peft import LoraConfig, get_peft_model
 
     model = torchrev.rewire(decoder("qwen2"), exact=True, trainable=())
     config = LoraConfig(r=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    with pytest.warns(FutureWarning, match="is_gradient_checkpointing"):  # peft reads it
-        model = get_peft_model(model, config).train()
+    model = get_peft_model(model, config).train()
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert names and all("lora_" in n for n in names)
     want = grads(model, tokens(), False)
