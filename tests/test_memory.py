@@ -12,12 +12,17 @@ from torchrev.bench import LiveTensorBytes, peak_live_bytes
 
 
 def training_step_peak(
-    depth: int, reversible: bool, cls=torchrev.AdditiveCoupling, exact=False, dtype=torch.float32
+    depth: int,
+    reversible: bool,
+    cls=torchrev.AdditiveCoupling,
+    exact=False,
+    dtype=torch.float32,
+    check: bool = True,
 ) -> int:
     """Peak live bytes of one step beyond parameters and gradients (both allocated before)."""
     torch.manual_seed(0)
     stack = stack_of(cls, depth, width=16, dtype=dtype)
-    stack.reversible, stack.exact = reversible, exact
+    stack.reversible, stack.exact, stack.check_recompute = reversible, exact, check
     x = torch.randn(32, 32, dtype=dtype)
 
     def loss():
@@ -31,7 +36,15 @@ def training_step_peak(
 
 @pytest.mark.parametrize("cls", torchrev.couplings.COUPLINGS, ids=lambda c: c.__name__)
 def test_reversible_peak_is_flat_in_depth(cls):
-    assert training_step_peak(3, True, cls) == training_step_peak(12, True, cls)
+    assert training_step_peak(3, True, cls, check=False) == training_step_peak(
+        12, True, cls, check=False
+    )
+
+
+def test_the_recomputation_check_keeps_two_numbers_per_step():
+    """NOTE [recomputation checksum]: float reversal's fingerprint is two float64 per step."""
+    growth = training_step_peak(12, True) - training_step_peak(3, True)
+    assert growth == 2 * (12 - 3) * 16
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -67,6 +80,7 @@ def test_exact_reversal_adds_only_its_corrections_to_the_peak():
     the output used to stay alive through the branch's backward, one stream more."""
     torch.manual_seed(0)
     stack = stack_of(torchrev.ScaledCoupling, 8, width=64, dtype=torch.float32, lam=0.1)
+    stack.check_recompute = False  # float reversal of lam=0.1 is noise; only memory counts here
     streams = [torch.randn(256, 64), torch.randn(256, 64)]
 
     def peak(exact):
@@ -195,7 +209,7 @@ def test_flat_in_depth_with_gradients_set_to_none(cls):
     for depth in (3, 12):
         torch.manual_seed(0)
         stack = stack_of(cls, depth, width=16, dtype=torch.float32)
-        stack.exact = False
+        stack.exact, stack.check_recompute = False, False
         x = torch.randn(32, 32)
 
         def step(stack=stack, x=x):

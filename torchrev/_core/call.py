@@ -41,10 +41,12 @@ class Call:
         kwargs: dict[str, Any],
         trace: Trace | None,
         exact: bool | Literal["compact"],
+        check: bool = True,
     ) -> None:
         self.tape = Tape(n_streams)
         self.trace = trace  # diagnostics only
         self.exact = exact  # see NOTE [exact reversal]
+        self.check = check or bool(exact)  # NOTE [recomputation checksum]
         self.passthrough: list[bool] = []  # final streams no step read: _Outputs returns them
         self.verify: tuple[float, tuple[Tensor, ...]] | None = None  # tolerance, the inputs
         self.device = device

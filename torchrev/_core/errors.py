@@ -35,3 +35,18 @@ def inplace_branch_message(name: str) -> str:
         f"its first operation). A coupling needs that input unchanged to compute its update and "
         f"to invert it. Make the first operation of {name} out of place (inplace=False)."
     )
+
+
+def recomputed_differently_message(name: str) -> str:
+    return (
+        f"{name} computed a different output in backward than in forward, so its input cannot "
+        f"be rebuilt and its gradients would be wrong. Common causes: nondeterministic kernels "
+        f"(call torch.use_deterministic_algorithms(True)); random numbers from a generator other "
+        f"than torch's default one (draw from the default generator, which the engine replays); "
+        f"state the branch reads but does not own, such as a tensor attribute or a Python value "
+        f"it updates (register it as a buffer of the branch: the engine replays buffers) or a "
+        f"parameter it modifies in place. Under floating-point reversal it may also be given an "
+        f"input that the inverses rebuilt with amplified rounding (small scales, 16-bit streams, "
+        f"many blocks): pass exact=True to the stack. A branch that cannot recompute "
+        f"identically must run outside the reversible stack, under plain autograd."
+    )

@@ -36,10 +36,8 @@ The alternative, fixed-point streams with an information buffer for the bits a s
 (MacKay et al. 2018), stores about ``log2(1/lam)`` bits per scaled step and none for additive
 ones, but quantises the forward, so its gradients are not plain autograd's.
 
-NOTE [recomputation checksum]: the correction is only right if the backward recomputes
-the branch output ``h`` bit for bit (nondeterministic kernels or a random draw the engine
-cannot replay would break that, and the error would be silent). Each step keeps a checksum
-of ``h`` (the sum of its bit patterns) and the backward compares it before using ``c``.
+The correction is only right if the backward recomputes the branch output bit for bit, which
+NOTE [recomputation checksum] (:mod:`.fingerprint`) checks on every step.
 """
 
 from __future__ import annotations
@@ -52,17 +50,10 @@ import torch
 from torch import Tensor
 
 from .block import AbstractReversibleBlock
-from .errors import ReversibilityError
+from .fingerprint import BITS
 
 Exact = bool | Literal["auto", "compact"]
 
-#: The integer type whose bits each float type is read as.
-BITS = {
-    torch.float16: torch.int16,
-    torch.bfloat16: torch.int16,
-    torch.float32: torch.int32,
-    torch.float64: torch.int64,
-}
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 #: Widths the codes of a correction's levels may take, below the full width of the stream's type.
 CODE_WIDTHS = (2, 4, 8, 16)
@@ -289,20 +280,10 @@ def _unpack(codes: Tensor, width: int, count: int) -> Tensor:
     return out
 
 
-def checksum(h: Tensor) -> Tensor:
-    """The sum of ``h``'s bit patterns: changes when any element's bits do (but for
-    differences that cancel, which independent rounding differences almost never do)."""
-    int_type = BITS.get(h.dtype)
-    if int_type is None:
-        return h.detach().double().sum()
-    return h.detach().view(int_type).sum(dtype=int_type)  # wraps: a sum modulo 2^B
-
-
 class ExactStep(NamedTuple):
-    """What a step stores to be reverted exactly: its correction and its branch's checksum."""
+    """What a step stores to be reverted exactly: its correction and its input's dtype."""
 
     correction: Correction
-    checksum: Tensor
     dtype: torch.dtype  # the input's: an update may promote (bf16 stream, float32 scale)
 
     @classmethod
@@ -317,23 +298,14 @@ class ExactStep(NamedTuple):
     ) -> ExactStep:
         """After the forward's ``y = block.update(x, h, step)``."""
         rebuilt = block.revert(y, h, step).to(x.dtype)
-        return cls(Correction.between(x, rebuilt, compact), checksum(h), x.dtype)
+        return cls(Correction.between(x, rebuilt, compact), x.dtype)
 
     def rebuild(self, block: AbstractReversibleBlock, step: int, y: Tensor, h: Tensor) -> Tensor:
-        """The ``x`` that :meth:`record` saw, from ``y`` and the recomputed ``h``: the same
-        ``revert`` call as the forward's (not ``revert_``, which may round differently), then
-        the correction."""
-        if not torch.equal(checksum(h), self.checksum):
-            raise ReversibilityError(
-                f"{block.branch_name(step)} computed a different output in backward than in "
-                f"forward, so its input cannot be rebuilt exactly and the gradients would be "
-                f"wrong. Common causes: nondeterministic kernels (call torch.use_deterministic_"
-                f"algorithms(True)), random numbers from a generator other than torch's default "
-                f"one, or state the branch reads but does not own. Fix the branch, or pass "
-                f"exact=False to the stack to accept floating-point reversal."
-            )
+        """The ``x`` that :meth:`record` saw, from ``y`` and the recomputed ``h`` (whose
+        checksum the caller compared: NOTE [recomputation checksum]): the same ``revert`` call
+        as the forward's (not ``revert_``, which may round differently), then the correction."""
         return self.correction.apply_(block.revert(y, h, step).to(self.dtype))
 
     @property
     def nbytes(self) -> int:
-        return self.correction.nbytes + self.checksum.nbytes
+        return self.correction.nbytes

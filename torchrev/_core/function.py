@@ -32,8 +32,9 @@ except ImportError:  # pragma: no cover - older or newer torch: the public call 
 from .block import AbstractReversibleBlock
 from .call import Call, Trace, verify_input
 from .contents import StepContents, step_contents
-from .errors import DOUBLE_BACKWARD, ReversibilityError
+from .errors import DOUBLE_BACKWARD, ReversibilityError, recomputed_differently_message
 from .exact import ExactStep
+from .fingerprint import differs, fingerprint
 from .leaves import check_tracked
 from .overlap import Overlap
 from .purity import unobserved
@@ -77,6 +78,7 @@ class _Step:
         self.frozen = contents.frozen
         self.watched: tuple[Tensor, ...] = ()  # see NOTE [version checks]
         self.exact: ExactStep | None = None
+        self.checksum: Tensor | None = None  # NOTE [recomputation checksum]
         self.dtype = torch.float32  # the input's, which an update may promote
         # NOTE [gradient order]: which of (inp, *sources) and of the leaves entered the stack
         # and are read here first, so that this step returns their gradient sums.
@@ -101,6 +103,8 @@ class _Step:
         self.watched = (*self.frozen, *(b for b in buffers if id(b) not in written))
         self.dtype = inp.dtype
         out = block.update(inp, h, self.index)
+        if call.check:
+            self.checksum = fingerprint(h, bool(call.exact))
         if call.exact:
             compact = call.exact == "compact"
             self.exact = ExactStep.record(block, self.index, inp, h, out, compact)
@@ -180,7 +184,7 @@ class _Step:
         if not tape.keep:
             # As autograd frees a node's saved tensors after its backward: the graph may stay
             # referenced (a loss kept until the next step), this step's records need not.
-            self.exact = self.rng = None
+            self.exact = self.rng = self.checksum = None
             self.written = self.watched = ()
 
     def _leaf_totals(self, want: list[bool], computed: Grads) -> Grads:
@@ -274,6 +278,7 @@ class _Step:
                 # gradients (torch's ModuleTracker, FlopCounterMode) reject leaves here.
                 views = [s.view_as(s) if w else s for s, w in zip(leaves, want_sources)]
                 h, targets = self._recompute_branch(views, kwargs, targets)
+                self.verify_recomputed(h)
                 # A pure step's forward saw no mode, so none is replayed here either (NOTE
                 # [function modes]): its recomputation is the same pure computation.
                 if grad and not self.pure:
@@ -298,6 +303,18 @@ class _Step:
                     inp = self.exact.rebuild(block, index, out, h)
                 tape.values[self.target] = inp
         return inp, h, leaves, views, targets
+
+    def verify_recomputed(self, h: Tensor) -> None:
+        """Raise if ``h`` differs from the branch output the forward computed (NOTE
+        [recomputation checksum])."""
+        if self.checksum is None:
+            return
+        name = self.block.branch_name(self.index)
+        mismatch = differs(self.checksum, h, bool(self.call.exact))
+        if self.call.overlap is not None:  # compared on the device, read once at the end
+            self.call.overlap.mismatches.append((name, mismatch))
+        elif mismatch:
+            raise ReversibilityError(recomputed_differently_message(name))
 
     def _recompute_branch(
         self, sources: list[Tensor], kwargs: dict[str, Any], targets: list[Tensor]
@@ -433,6 +450,7 @@ def reversible_forward(
     verify: float | None = None,
     exact: bool | Literal["compact"] = False,
     overlap: bool = False,
+    check: bool = True,
 ) -> tuple[Tensor, ...]:
     """Run ``blocks`` on ``streams`` keeping no activations; backward recomputes them.
 
@@ -441,9 +459,10 @@ def reversible_forward(
     with a larger relative error. ``exact`` makes every step's inverse bit-exact at the cost of
     a few bits per element per step (NOTE [exact reversal]). ``overlap`` rebuilds each step's
     input one step ahead of its gradients, on a second CUDA stream (NOTE [overlapped
-    rebuilds]).
+    rebuilds]). ``check`` keeps a checksum of every branch output and raises in backward if
+    the recomputation differs (always on with ``exact``: NOTE [recomputation checksum]).
     """
-    call = Call(len(streams), streams[0].device, kwargs, trace, exact)
+    call = Call(len(streams), streams[0].device, kwargs, trace, exact, check)
     if verify is not None:
         call.verify = (verify, tuple(s.detach() for s in streams))
     call.sharding = Sharding.find(blocks)

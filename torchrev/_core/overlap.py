@@ -22,7 +22,7 @@ Which step is "below" is fixed by the forward (each node takes the previous one'
 an odd or even number of blocks, or steps, changes nothing; the published code picked the
 stream by ``len(layers) - 1 % 2`` and went wrong at odd depth. Tensors made on one stream and
 read on the other are marked with ``record_stream`` so the caching allocator cannot reuse their
-memory early. With exact reversal the recomputation checksum is compared on the device and
+memory early. The recomputation checksum is compared on the device and
 checked once, at the end of the stack's backward, so no step waits for the host.
 """
 
@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .errors import ReversibilityError
-from .exact import checksum
+from .errors import ReversibilityError, recomputed_differently_message
+from .fingerprint import differs
 from .state import buffers_preserved
 
 if TYPE_CHECKING:
@@ -80,17 +80,14 @@ class Overlap:
         return inp
 
     def check(self) -> None:
-        """Raise if a branch recomputed differently from its forward (exact reversal)."""
+        """Raise if a branch recomputed differently from its forward (NOTE [recomputation
+        checksum]); compared on the device as the rebuilds ran, read here once."""
         mismatches, self.mismatches = self.mismatches, []
         if not mismatches:
             return
         bad = torch.stack([m for _, m in mismatches]).nonzero().flatten().tolist()
         if bad:
-            raise ReversibilityError(
-                f"{mismatches[bad[0]][0]} computed a different output in backward than in "
-                f"forward, so its input cannot be rebuilt exactly. Make the branch "
-                f"deterministic (torch.use_deterministic_algorithms(True)), or pass exact=False."
-            )
+            raise ReversibilityError(recomputed_differently_message(mismatches[bad[0]][0]))
 
     def _launch(self, step: Any, inp: Tensor) -> None:
         """Start rebuilding the input of the step below ``step``, whose input is ``inp``."""
@@ -117,9 +114,10 @@ class Overlap:
         with torch.no_grad(), call.autocast.replayed(), replay, call.modes.replayed():
             with buffers_preserved(step.written):
                 h = block.branch(index)(*sources, **call.kwargs(call.tensors))
+            if step.checksum is not None:
+                mismatch = differs(step.checksum, h, step.exact is not None)
+                self.mismatches.append((block.branch_name(index), mismatch))
             inp = block.revert(out, h, index)
             if step.exact is None:
                 return inp.to(step.dtype)
-            exact = step.exact
-            self.mismatches.append((block.branch_name(index), checksum(h) != exact.checksum))
-            return exact.correction.apply_(inp.to(exact.dtype))
+            return step.exact.correction.apply_(inp.to(step.exact.dtype))

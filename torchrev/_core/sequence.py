@@ -58,6 +58,12 @@ class ReversibleSequential(nn.ModuleList):
     every branch in backward (under no grad); without CUDA the same work runs in sequence. It
     pays where one block's backward leaves the GPU idle (small batches, narrow layers).
 
+    ``check_recompute=True`` (the default) keeps a checksum of every branch output (one
+    reduction per step, a scalar) and raises :class:`torchrev.ReversibilityError` in backward
+    if a branch recomputes a different output: a nondeterministic kernel, a random generator
+    the engine does not replay, state the branch does not own. Exact reversal always checks
+    (its corrections rely on it); ``False`` skips the check for float reversal only.
+
     ``checkpoint_blocks=True`` (with ``reversible=False``) runs each block under
     ``torch.utils.checkpoint`` instead, the usual alternative, for comparison.
 
@@ -74,11 +80,13 @@ class ReversibleSequential(nn.ModuleList):
         verify: float | None = None,
         exact: Exact = "auto",
         overlap: bool = False,
+        check_recompute: bool = True,
     ) -> None:
         super().__init__(blocks)
         _check_blocks(blocks)
         self.reversible = reversible
         self.overlap = overlap
+        self.check_recompute = check_recompute
         self.checkpoint_blocks = checkpoint_blocks
         self.verify = verify
         self.exact = exact
@@ -101,6 +109,7 @@ class ReversibleSequential(nn.ModuleList):
                 verify=self.verify,
                 exact=self.exact,
                 overlap=self.overlap,
+                check_recompute=self.check_recompute,
             )
         return super().__getitem__(index)
 
@@ -152,7 +161,13 @@ class ReversibleSequential(nn.ModuleList):
             blocks = [Inverted(block) for block in reversed(blocks)]
         exact = resolve(self.exact, blocks, streams)
         return reversible_forward(
-            blocks, streams, kwargs, verify=self.verify, exact=exact, overlap=self.overlap
+            blocks,
+            streams,
+            kwargs,
+            verify=self.verify,
+            exact=exact,
+            overlap=self.overlap,
+            check=self.check_recompute,
         )
 
     def _needs_grad(self, streams: tuple[Tensor, ...], kwargs: dict[str, Any]) -> bool:

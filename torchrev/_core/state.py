@@ -150,44 +150,67 @@ def _pushed(modes: tuple[object, ...]) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class BufferWatch:
-    """The buffers of some modules, by identity and version, to find which a forward wrote."""
+    """The buffers of some modules, by identity and version, to find which a forward wrote,
+    and their values before it, for the recomputation to read (NOTE [buffer replay])."""
 
     owners: tuple[nn.Module, ...]
     states: tuple[tuple[tuple[str, int, int], ...], ...]  # per owner: (name, id, version)
+    before: tuple[dict[str, Tensor] | None, ...]  # per owner: copies, None where not read
 
     @classmethod
     def start(cls, owners: tuple[nn.Module, ...]) -> BufferWatch:
         """Watch the buffers of ``owners``, the submodules that hold any."""
         if not owners:
             return _NOTHING_TO_WATCH  # the common case, on the per-step path
-        return cls(owners, tuple(_buffer_states(m) for m in owners))
+        states = tuple(_buffer_states(m) for m in owners)
+        return cls(owners, states, tuple(_values_read(m) for m in owners))
 
     def written(self) -> tuple[Written, ...]:
         """Every buffer of each submodule that wrote any of its buffers since :meth:`start`,
-        in place or by assigning a new tensor, as it is now.
+        in place or by assigning a new tensor, as it is now and as it was before.
 
         NOTE [buffer writes]: a whole submodule counts as written when one of its buffers
         changed, because kernels such as batch norm update ``running_mean`` without bumping
         its version; ``num_batches_tracked`` is bumped and gives the module away.
         """
         out: list[Written] = []
-        for owner, before in zip(self.owners, self.states):
-            if _buffer_states(owner) != before:
+        for owner, state, before in zip(self.owners, self.states, self.before):
+            if _buffer_states(owner) != state:
                 out.extend(
-                    Written(owner, name, b) for name, b in owner._buffers.items() if b is not None
+                    Written(owner, name, b, None if before is None else before.get(name))
+                    for name, b in owner._buffers.items()
+                    if b is not None
                 )
         return tuple(out)
 
 
+def _values_read(module: nn.Module) -> dict[str, Tensor] | None:
+    """Copies of ``module``'s buffers, unless its output provably ignores them.
+
+    NOTE [buffer replay]: a module may compute its output from a buffer and then update it in
+    the same forward (spectral normalisation's power-iteration vectors, an EMA), so the
+    recomputation must read the values the forward started from, not the updated ones. They
+    cannot be told apart before the forward runs, so every buffer is copied before it and the
+    copies of those the forward did not write are dropped after it: a step keeps the buffers'
+    size, never activations. Batch norm in training reads the batch's statistics only and
+    writes the running ones, so its buffers (the most common case) are not copied.
+    """
+    if module.training and isinstance(module, nn.modules.batchnorm._NormBase):
+        return None
+    return {name: b.detach().clone() for name, b in module._buffers.items() if b is not None}
+
+
 class Written(NamedTuple):
-    """A buffer a forward wrote: its module, its name there, and the tensor it left."""
+    """A buffer a forward wrote: its module, its name there, the tensor it left, and a copy
+    of the value it read (None where its output ignores it: NOTE [buffer replay])."""
 
     owner: nn.Module
     name: str
     tensor: Tensor
+    before: Tensor | None = None
 
 
-_NOTHING_TO_WATCH = BufferWatch((), ())
+_NOTHING_TO_WATCH = BufferWatch((), (), ())
 
 
 def _buffer_states(module: nn.Module) -> tuple[tuple[str, int, int], ...]:
@@ -195,13 +218,16 @@ def _buffer_states(module: nn.Module) -> tuple[tuple[str, int, int], ...]:
 
 
 def buffers_preserved(written: tuple[Written, ...]) -> AbstractContextManager[None]:
-    """Run the body on copies of the buffers a forward wrote, then put the originals back.
+    """Run the body on copies of the buffers a forward wrote, as that forward read them, then
+    put the module's own tensors back.
 
     NOTE [buffers once]: the recomputation would update batch-norm statistics (or any buffer
-    its forward wrote) a second time. Giving it copies, then restoring the module's own tensor
-    objects, keeps the update the forward made, exactly once per step, whether the module writes
-    in place or assigns a new tensor, and without touching the originals: their autograd version
-    counters stay as they were, so other graphs that saved them are not disturbed.
+    its forward wrote) a second time, and read the updated values where its forward read the
+    old ones (NOTE [buffer replay]). Giving it copies of what the forward read, then restoring
+    the module's own tensor objects, keeps the update the forward made, exactly once per step,
+    whether the module writes in place or assigns a new tensor, and without touching the
+    originals: their autograd version counters stay as they were, so other graphs that saved
+    them are not disturbed.
     """
     return _swapped(written) if written else nullcontext()
 
@@ -209,8 +235,9 @@ def buffers_preserved(written: tuple[Written, ...]) -> AbstractContextManager[No
 @contextmanager
 def _swapped(written: tuple[Written, ...]) -> Iterator[None]:
     originals = [(w.owner, w.name, w.owner._buffers[w.name]) for w in written]
-    for owner, name, tensor in originals:
-        owner._buffers[name] = tensor.detach().clone()
+    for w, (owner, name, now) in zip(written, originals):
+        # A copy each time: a graph kept for another backward replays from the same values.
+        owner._buffers[name] = (now if w.before is None else w.before).detach().clone()
     try:
         yield
     finally:
