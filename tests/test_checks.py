@@ -84,3 +84,43 @@ def test_small_scales_lose_precision_with_depth_unless_exact():
     assert report.exact and report.worst_gradient == 0.0
     assert all(0 < b.stored_bits <= 9 for b in report.blocks), str(report)
     assert "every input rebuilt bit for bit: True" in str(report)
+
+
+class FakeInverse(torchrev.AbstractCoupling):
+    """memcnn's wrong inverse: update ``x + h``, revert ``y - 2h``."""
+
+    def update(self, x, h, step):
+        return x + h
+
+    def revert(self, y, h, step):
+        return y - 2 * h
+
+
+@pytest.mark.filterwarnings("ignore::torchrev.ReversibilityWarning")  # tested below
+@pytest.mark.parametrize("exact", [False, True, "compact"])
+def test_a_wrong_inverse_fails_the_check_in_every_mode(exact):
+    stack = torchrev.ReversibleSequential(
+        FakeInverse(mlp(6), mlp(6)), FakeInverse(mlp(6), mlp(6)), exact=exact
+    ).to(F64)
+    report = torchrev.check_reversibility(stack, *streams(5, 6))
+    assert not report.ok(1e-6), str(report)
+    assert report.worst_inverse > 0.01
+    if exact:
+        assert report.exact  # exact reversal corrected the miss, at full width
+        assert report.stored_bits > 60
+    good = torchrev.ReversibleSequential(
+        torchrev.AdditiveCoupling(mlp(6), mlp(6)), exact=exact
+    ).to(F64)
+    assert torchrev.check_reversibility(good, *streams(5, 6)).worst_inverse < 1e-15
+
+
+def test_exact_reversal_warns_once_per_block_that_stores_full_width_corrections():
+    stack = torchrev.ReversibleSequential(
+        FakeInverse(mlp(6), mlp(6)), FakeInverse(mlp(6), mlp(6)), exact=True
+    ).to(F64)
+    with pytest.warns(torchrev.ReversibilityWarning, match="block 0") as record:
+        for _ in range(2):
+            y1, y2 = stack(*streams(5, 6))
+            (y1.sum() + y2.sum()).backward()
+    messages = [str(w.message) for w in record if "bits per element" in str(w.message)]
+    assert len(messages) == 2 and "block 1" in messages[1]  # one per block, not per call

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -16,6 +17,8 @@ from .state import AutocastState, FunctionModes, RngState
 from .tape import Tape
 
 if TYPE_CHECKING:
+    from .block import AbstractReversibleBlock
+    from .exact import ExactStep
     from .overlap import Overlap
     from .sharding import Sharding
 
@@ -28,6 +31,37 @@ class Trace:
     rebuilt: dict[int, tuple[Tensor, ...]] = field(default_factory=dict)
     #: Bits each step of a block stores for exact reversal, per element of its target stream.
     stored_bits: dict[int, list[float]] = field(default_factory=dict)
+    #: How far each step's float inverse, given the forward's own values, misses its input,
+    #: relative to the step's largest value: rounding, unless the inverse is wrong.
+    inverse_error: dict[int, list[float]] = field(default_factory=dict)
+
+
+    def record_step(
+        self,
+        block_index: int,
+        block: AbstractReversibleBlock,
+        index: int,
+        x: Tensor,
+        h: Tensor,
+        y: Tensor,
+        exact: ExactStep | None,
+    ) -> None:
+        """A step's forward values: the bits it stores, and its float inverse's own miss."""
+        if exact is not None:
+            bits = 8 * exact.nbytes / max(1, x.numel())
+            self.stored_bits.setdefault(block_index, []).append(bits)
+        with torch.no_grad():
+            rebuilt = block.revert(y, h, index).to(x.dtype)
+            miss = _largest(torch.where(rebuilt == x, 0, rebuilt.double() - x.double()))
+            scale = max(_largest(t) for t in (x, h, y))
+        error = miss / scale if scale > 0 else miss
+        self.inverse_error.setdefault(block_index, []).append(error)
+
+
+def _largest(t: Tensor) -> float:
+    """The largest magnitude among ``t``'s finite entries (0 for none)."""
+    finite = t[t.isfinite()]
+    return finite.abs().max().item() if finite.numel() else 0.0
 
 
 class Call:
@@ -99,3 +133,27 @@ def verify_input(
             ReversibilityWarning,
             stacklevel=2,
         )
+
+
+_WARNED: weakref.WeakSet[AbstractReversibleBlock] = weakref.WeakSet()
+
+
+def warn_full_width(
+    block: AbstractReversibleBlock, block_index: int, index: int, nbytes: int, x: Tensor
+) -> None:
+    """Once per block: most of a step's corrections needed the stream type's full width, so
+    its inverse misses by far more than rounding (a wrong ``revert``, or a block so badly
+    conditioned that reversing it saves nothing)."""
+    if block in _WARNED:
+        return
+    _WARNED.add(block)
+    bits = 8 * nbytes / max(1, x.numel())
+    warnings.warn(
+        f"block {block_index} ({type(block).__name__}, step {index}) stores {bits:.1f} bits "
+        f"per element for exact reversal, as much as keeping its input: its inverse misses by "
+        f"more than rounding on most elements. If revert is meant to undo update, it is wrong: "
+        f"torchrev.check_reversibility(stack, ...) reports each block's inverse error. If the "
+        f"block is too badly conditioned to invert (a tiny scale), keep it out of the stack.",
+        ReversibilityWarning,
+        stacklevel=4,
+    )

@@ -17,13 +17,16 @@ from .state import RngState, Written, buffers_preserved
 
 @dataclass(frozen=True)
 class BlockReport:
-    """One block: how far its rebuilt input and its parameters' gradients are from plain, and
-    how many bits per stream element its steps store for exact reversal (0 without it)."""
+    """One block: how far its rebuilt input and its parameters' gradients are from plain, how
+    many bits per stream element its steps store for exact reversal (0 without it), and how
+    far its own float inverse misses its input given the forward's values (rounding for a
+    right inverse, whatever exact reversal corrects afterwards)."""
 
     index: int
     reconstruction_error: float
     gradient_error: float
     stored_bits: float = 0.0
+    inverse_error: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -54,19 +57,27 @@ class ReversibilityReport:
         return sum(b.stored_bits for b in self.blocks) / max(1, len(self.blocks))
 
     @property
+    def worst_inverse(self) -> float:
+        """The largest miss of any block's own float inverse (see :class:`BlockReport`)."""
+        return max((b.inverse_error for b in self.blocks), default=0.0)
+
+    @property
     def worst_gradient(self) -> float:
         block = max((b.gradient_error for b in self.blocks), default=0.0)
         return max(block, self.input_gradient_error)
 
     def ok(self, rtol: float) -> bool:
-        """Whether every reconstruction and gradient is within ``rtol`` of plain autograd."""
-        return self.worst_reconstruction <= rtol and self.worst_gradient <= rtol
+        """Whether every reconstruction and gradient is within ``rtol`` of plain autograd, and
+        every block's own inverse within ``rtol`` of its input: exact reversal would hide an
+        inverse that is wrong (by storing its whole miss), this does not."""
+        worst = max(self.worst_reconstruction, self.worst_gradient, self.worst_inverse)
+        return worst <= rtol
 
     def __str__(self) -> str:
-        lines = ["block  reconstruction  gradient  bits/element/step"]
+        lines = ["block  reconstruction  float inverse  gradient  bits/element/step"]
         lines += [
-            f"{b.index:>5}  {b.reconstruction_error:>14.2e}  {b.gradient_error:>8.2e}"
-            f"  {b.stored_bits:>17.2f}"
+            f"{b.index:>5}  {b.reconstruction_error:>14.2e}  {b.inverse_error:>13.2e}"
+            f"  {b.gradient_error:>8.2e}  {b.stored_bits:>17.2f}"
             for b in self.blocks
         ]
         lines.append(f"input gradients: {self.input_gradient_error:.2e}")
@@ -92,7 +103,9 @@ def check_reversibility(
     float64 to separate bugs from rounding, and in your training dtype to see what rounding
     costs. The stack's ``exact`` setting applies: with exact reversal every reconstruction
     error is 0.0 (:attr:`ReversibilityReport.exact`) and each block reports the bits per
-    stream element its steps store.
+    stream element its steps store; each block also reports how far its own float inverse
+    misses, so that a wrong ``revert``, which exact reversal would silently correct at full
+    width, fails :meth:`ReversibilityReport.ok`.
     """
     blocks = list(stack)
     if blocks:
@@ -140,7 +153,8 @@ def check_reversibility(
         recon = max(_relative_error(rebuilt, computed) for rebuilt, computed in pairs)
         grad = max((grad_error(n_inputs + i) for i in by_block[index]), default=0.0)
         bits = trace.stored_bits.get(index, [])
-        reports.append(BlockReport(index, recon, grad, sum(bits) / max(1, len(bits))))
+        inverse = max(trace.inverse_error.get(index, [0.0]))
+        reports.append(BlockReport(index, recon, grad, sum(bits) / max(1, len(bits)), inverse))
     inputs_error = max(grad_error(i) for i in range(n_inputs))
     return ReversibilityReport(tuple(reports), inputs_error, exact)
 

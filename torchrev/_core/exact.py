@@ -181,6 +181,11 @@ class Correction:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.levels) + (0 if self.index is None else self.index.nbytes)
 
+    @property
+    def mostly_full_width(self) -> bool:
+        """Whether most differences needed the stream type's full width (the last level)."""
+        return self.counts[-1] > self.counts[0] / 2
+
 
 def _plan(
     diff: Tensor, full: int, compact: bool, samples: int = 4096

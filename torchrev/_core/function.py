@@ -30,7 +30,7 @@ except ImportError:  # pragma: no cover - older or newer torch: the public call 
     _engine_run_backward = None
 
 from .block import AbstractReversibleBlock
-from .call import Call, Trace, verify_input
+from .call import Call, Trace, verify_input, warn_full_width
 from .contents import StepContents, step_contents
 from .errors import DOUBLE_BACKWARD, ReversibilityError, recomputed_differently_message
 from .exact import ExactStep
@@ -108,9 +108,10 @@ class _Step:
         if call.exact:
             compact = call.exact == "compact"
             self.exact = ExactStep.record(block, self.index, inp, h, out, compact)
-            if call.trace is not None:
-                bits = 8 * self.exact.nbytes / max(1, inp.numel())
-                call.trace.stored_bits.setdefault(self.block_index, []).append(bits)
+            if self.exact.correction.mostly_full_width:
+                warn_full_width(block, self.block_index, self.index, self.exact.nbytes, inp)
+        if call.trace is not None:
+            call.trace.record_step(self.block_index, block, self.index, inp, h, out, self.exact)
         return out
 
     def backward(
