@@ -32,7 +32,7 @@ except ImportError:  # pragma: no cover - older or newer torch: the public call 
 from .block import AbstractReversibleBlock
 from .call import Call, Trace, verify_input, warn_full_width
 from .contents import StepContents, step_contents
-from .errors import DOUBLE_BACKWARD, ReversibilityError, recomputed_differently_message
+from .errors import DOUBLE_BACKWARD, ReversibilityError
 from .exact import ExactStep
 from .fingerprint import differs, fingerprint
 from .leaves import check_tracked
@@ -174,8 +174,6 @@ class _Step:
         if call.trace is not None and self.index == 0:
             call.trace.rebuilt[self.block_index] = tuple(v.clone() for v in tape.values)
         if self.lowest:
-            if call.overlap is not None:
-                call.overlap.check()
             if call.verify is not None and self.block_index == 0 and self.index == 0:
                 verify_input(tape.values, *call.verify)
             tape.values = [None] * len(tape.values)
@@ -187,6 +185,8 @@ class _Step:
             # referenced (a loss kept until the next step), this step's records need not.
             self.exact = self.rng = self.checksum = None
             self.written = self.watched = ()
+        if self.lowest:
+            tape.check_recomputed()  # the one read of the device per stack backward
 
     def _leaf_totals(self, want: list[bool], computed: Grads) -> Grads:
         """Per leaf: its gradient sum if this step is its earliest reader, else None (and the
@@ -306,16 +306,12 @@ class _Step:
         return inp, h, leaves, views, targets
 
     def verify_recomputed(self, h: Tensor) -> None:
-        """Raise if ``h`` differs from the branch output the forward computed (NOTE
-        [recomputation checksum])."""
+        """Note whether ``h`` differs from the branch output the forward computed, for the
+        stack's backward to raise when it ends (NOTE [recomputation checksum])."""
         if self.checksum is None:
             return
-        name = self.block.branch_name(self.index)
         mismatch = differs(self.checksum, h, bool(self.call.exact))
-        if self.call.overlap is not None:  # compared on the device, read once at the end
-            self.call.overlap.mismatches.append((name, mismatch))
-        elif mismatch:
-            raise ReversibilityError(recomputed_differently_message(name))
+        self.call.tape.mismatches.append((self.block.branch_name(self.index), mismatch))
 
     def _recompute_branch(
         self, sources: list[Tensor], kwargs: dict[str, Any], targets: list[Tensor]

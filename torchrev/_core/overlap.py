@@ -22,8 +22,8 @@ Which step is "below" is fixed by the forward (each node takes the previous one'
 an odd or even number of blocks, or steps, changes nothing; the published code picked the
 stream by ``len(layers) - 1 % 2`` and went wrong at odd depth. Tensors made on one stream and
 read on the other are marked with ``record_stream`` so the caching allocator cannot reuse their
-memory early. The recomputation checksum is compared on the device and
-checked once, at the end of the stack's backward, so no step waits for the host.
+memory early. The recomputation checksums are compared on the device and
+read once, at the end of the stack's backward (Tape.check_recomputed).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .errors import ReversibilityError, recomputed_differently_message
+from .errors import ReversibilityError
 from .fingerprint import differs
 from .state import buffers_preserved
 
@@ -49,7 +49,6 @@ class Overlap:
         self.device = device
         self.side = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.pending: tuple[Any, Tensor, Any] | None = None  # (step, rebuilt input, event)
-        self.mismatches: list[tuple[str, Tensor]] = []
 
     @classmethod
     def start(cls, call: Call, device: torch.device) -> Overlap:
@@ -64,7 +63,6 @@ class Overlap:
     def reset(self) -> None:
         """Forget a rebuild a partial backward left behind; a new backward starts afresh."""
         self.pending = None
-        self.mismatches = []
 
     def rebuilt(self, step: Any, out: Tensor, sources: list[Tensor]) -> Tensor:
         """``step``'s input (rebuilt ahead, or now), after starting the rebuild below it."""
@@ -78,16 +76,6 @@ class Overlap:
         if step.below is not None and not step.lowest:
             self._launch(step, inp)
         return inp
-
-    def check(self) -> None:
-        """Raise if a branch recomputed differently from its forward (NOTE [recomputation
-        checksum]); compared on the device as the rebuilds ran, read here once."""
-        mismatches, self.mismatches = self.mismatches, []
-        if not mismatches:
-            return
-        bad = torch.stack([m for _, m in mismatches]).nonzero().flatten().tolist()
-        if bad:
-            raise ReversibilityError(recomputed_differently_message(mismatches[bad[0]][0]))
 
     def _launch(self, step: Any, inp: Tensor) -> None:
         """Start rebuilding the input of the step below ``step``, whose input is ``inp``."""
@@ -116,7 +104,7 @@ class Overlap:
                 h = block.branch(index)(*sources, **call.kwargs(call.tensors))
             if step.checksum is not None:
                 mismatch = differs(step.checksum, h, step.exact is not None)
-                self.mismatches.append((block.branch_name(index), mismatch))
+                call.tape.mismatches.append((block.branch_name(index), mismatch))
             inp = block.revert(out, h, index)
             if step.exact is None:
                 return inp.to(step.dtype)

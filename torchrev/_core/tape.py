@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
-from .errors import SECOND_BACKWARD, ReversibilityError
+from .errors import SECOND_BACKWARD, ReversibilityError, recomputed_differently_message
 
 
 class Tape:
@@ -35,6 +36,8 @@ class Tape:
         self.grads: list[Tensor | None] = [None] * n_streams
         self.shared: dict[int, Tensor] = {}
         self.keep = False  # whether the running backward keeps the graph for another
+        #: Per recomputed branch: its name, and whether it differed (on the device).
+        self.mismatches: list[tuple[str, Tensor]] = []
 
     def start(self, streams: Sequence[Tensor], grads: Sequence[Tensor | None], keep: bool) -> None:
         """Begin a backward from the final ``streams`` and their ``grads``. The steps rebuild
@@ -46,6 +49,19 @@ class Tape:
         self.grads = list(grads)
         self.shared = {}
         self.keep = keep
+        self.mismatches = []
+
+    def check_recomputed(self) -> None:
+        """Raise if a branch recomputed differently from its forward (NOTE [recomputation
+        checksum]). Each step compared on the device; this reads the result once, when the
+        stack's backward ends, so no step waits for the host, and before any optimizer can
+        step on the gradients."""
+        mismatches, self.mismatches = self.mismatches, []
+        if not mismatches:
+            return
+        bad = torch.stack([m for _, m in mismatches]).nonzero().flatten().tolist()
+        if bad:
+            raise ReversibilityError(recomputed_differently_message(mismatches[bad[0]][0]))
 
     def get(self, j: int) -> Tensor:
         value = self.values[j]
