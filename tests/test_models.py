@@ -106,6 +106,8 @@ def test_activation_memory_does_not_grow_with_depth(name):
     exact = step_peak(deep) - step_peak(shallow)
     assert 0 <= exact <= 3 * stream_bytes(deep) * 9 / 32
     shallow.exact = deep.exact = False
+    for stack in (*shallow.stacks(), *deep.stacks()):
+        stack.check_recompute = False  # float reversal of RevCol is noise: memory only here
     assert step_peak(deep) == step_peak(shallow)
     shallow.reversible = deep.reversible = False
     assert step_peak(deep) > step_peak(shallow)  # the comparison can fail
