@@ -326,7 +326,8 @@ def bad_calls():
             ValueError,
             "t.detach",
         ),
-        "tolerances": (lambda: odeint(f, y0, t, rtol=1e-5), TypeError, "Pass dt="),
+        "tolerances": (lambda: odeint(f, y0, t, rtol=1e-5), TypeError, "reversible_dopri5"),
+        "other options": (lambda: odeint(f, y0, t, tol=1e-5), TypeError, "pass dt="),
         "adjoint_params of modules": (
             lambda: odeint(f, y0, t, adjoint_params=[nn.Linear(2, 2)]),
             TypeError,
