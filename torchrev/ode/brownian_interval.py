@@ -92,9 +92,7 @@ class BrownianInterval:
 
     def _normal(self, seed: int) -> Tensor:
         generator = torch.Generator(self.device).manual_seed(seed)
-        return torch.randn(
-            self.shape, generator=generator, dtype=torch.float64, device=self.device
-        )
+        return torch.randn(self.shape, generator=generator, dtype=torch.float64, device=self.device)
 
     def value(self, x: float) -> Tensor:
         """:math:`W(x) - W(t_0)` in float64."""

@@ -121,9 +121,7 @@ class ReversibleRK(AbstractSolver):
                 "no time derivative. Pass t.detach()."
             )
         targets = tuple(grid.times[n] for n in grid.outputs)
-        problem = RKProblem(
-            self.tableau, self.lam, terms, grid, targets, self.adaptive, brownian
-        )
+        problem = RKProblem(self.tableau, self.lam, terms, grid, targets, self.adaptive, brownian)
         if not (self.adjoint and torch.is_grad_enabled()):
             return torch.stack(march(problem, y0, detach=False)[0])
         trainable = [p for p in params if p.requires_grad]

@@ -135,9 +135,7 @@ class _Walk:
     ) -> None:
         self.problem, self.grid, self.params, self.records = problem, grid, list(params), records
         self.totals: list[Tensor | None] = [None] * len(self.params)
-        self.d_t = (
-            torch.zeros(len(grid.outputs), dtype=torch.float64) if with_time else None
-        )
+        self.d_t = torch.zeros(len(grid.outputs), dtype=torch.float64) if with_time else None
 
     def run(self, y: Tensor, z: Tensor, d_ys: Tensor) -> Tensor:
         grid = self.grid

@@ -138,7 +138,10 @@ def _terms(
 
 
 def adaptive_method(
-    method: str | AbstractSolver, dt: float | None, rtol: float | None, atol: float | None,
+    method: str | AbstractSolver,
+    dt: float | None,
+    rtol: float | None,
+    atol: float | None,
     options: dict[str, Any],
 ) -> AbstractSolver:
     """The solver for ``method``, made adaptive when ``rtol`` or ``atol`` is given (``dt``
