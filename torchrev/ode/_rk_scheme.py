@@ -66,7 +66,10 @@ def increment(
 ) -> tuple[Tensor, Tensor | None]:
     """:math:`\\Psi_h(t, z)` and, if ``error``, the embedded error estimate."""
     ks: list[Tensor] = []
-    for i, row in enumerate(tableau.a):
+    # Without the error estimate, trailing stages of weight 0 (dopri5's and bosh3's last,
+    # there for the estimate) are skipped.
+    used = tableau.stages if error else tableau.weighted_stages
+    for i, row in enumerate(tableau.a[:used]):
         stage = z
         for a, k in zip(row, ks):
             if a != 0.0:

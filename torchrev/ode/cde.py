@@ -31,6 +31,9 @@ class ControlledField(nn.Module):
     path and ``func`` as submodules when they are modules, so that their parameters and
     trainable buffers are found and aliased like any field's)."""
 
+    #: Other kernels with and without grad (NOTE [grad mode of the forward], rk_adjoint.py).
+    values_depend_on_grad_mode = True
+
     def __init__(self, X: Any, func: Callable[[Tensor, Tensor], Tensor]) -> None:
         super().__init__()
         self.X, self.func = X, func

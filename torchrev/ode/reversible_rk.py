@@ -82,7 +82,7 @@ class ReversibleRK(AbstractSolver):
 
     @property
     def evaluations(self) -> int:  # type: ignore[override]
-        return 2 * self.tableau.stages
+        return 2 * self.tableau.weighted_stages
 
     def __repr__(self) -> str:
         return (

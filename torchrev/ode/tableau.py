@@ -69,6 +69,11 @@ class ButcherTableau:
         return len(self.b)
 
     @property
+    def weighted_stages(self) -> int:
+        """The stages up to the last of non-zero weight: all the step itself needs."""
+        return max(i for i, b in enumerate(self.b) if b != 0.0) + 1
+
+    @property
     def adaptive(self) -> bool:
         """Whether the tableau carries an embedded error estimate."""
         return self.b_error is not None
