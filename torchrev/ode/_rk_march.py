@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._base import FiniteWatch, Time
-from ._rk_scheme import Step, Terms, check_brownian, forward_step, increment
+from ._base import FiniteWatch, Time, check_brownian
+from ._rk_scheme import Step, Terms, forward_step, increment
 from .adaptive import AdaptiveSteps, Controller, error_ratio, first_step
 from .grid import Grid
 from .tableau import ButcherTableau

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._base import Time, VectorField, describe, evaluate
+from ._base import Time, VectorField, evaluate
 from .noise import Noise
 from .tableau import ButcherTableau
 
@@ -155,13 +155,3 @@ def reverse_increments(
     """:math:`\\Psi_{-h}(t_{n+1}, y_{n+1})`, the first evaluation of a reverse step."""
     _, t1, h = times
     return increment(tableau, terms, t1, -h, _neg(dw), y1, n)[0]
-
-
-def check_brownian(dw: object, want: torch.Size, n: int) -> Tensor:
-    if not isinstance(dw, Tensor) or dw.shape != want:
-        raise ValueError(
-            f"brownian(t0, t1, n) must return the increment W(t1) - W(t0), a tensor of shape "
-            f"{tuple(want)} for this state and noise type; at step {n} it returned "
-            f"{describe(dw)}."
-        )
-    return dw
