@@ -189,14 +189,18 @@ def test_memory_is_flat_in_the_steps_and_exact_adds_a_few_bits():
     assert per_step_direct > 50 * per_step_exact
 
 
-def test_sde_adjoint_equals_backprop_bitwise():
+@pytest.mark.parametrize("adaptive", [None, AdaptiveSteps(rtol=1e-3, atol=1e-4)])
+def test_sde_adjoint_equals_backprop_bitwise(adaptive):
+    # adaptive: rejected steps query the Brownian interval on intervals never used again
     torch.manual_seed(1)
     f, g = Field(), Field()
     y0 = torch.randn(4, 3, dtype=F64, requires_grad=True)
     t = torch.tensor([0.0, 0.35, 1.0], dtype=F64)
     results = []
-    for method in (ReversibleRK("midpoint"), ReversibleRK("midpoint", adjoint=False)):
-        ys = sdeint(f, g, y0, t, dt=0.05, method=method, seed=3)
+    tableau = "midpoint" if adaptive is None else "bosh3"
+    for adjoint in (True, False):
+        method = ReversibleRK(tableau, adjoint=adjoint, adaptive=adaptive)
+        ys = sdeint(f, lambda t, y: 0.1 * g(t, y), y0, t, dt=0.05, method=method, seed=3)
         results.append(torch.autograd.grad(ys.square().sum(), [y0, *f.parameters()]))
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
