@@ -237,3 +237,20 @@ def test_bad_settings_say_what_to_pass():
             method="reversible_rk4",
             rtol=1e-5,
         )
+
+
+def test_pytree_states_of_scalars():
+    y0 = torch.tensor(1.0, dtype=F64, requires_grad=True)
+    w = torch.tensor(0.5, dtype=F64, requires_grad=True)
+    results = []
+    for adjoint in (True, False):
+        a, b = odeint(
+            lambda t, y: (-w * y[0], w * y[0] - y[1]),
+            (y0, 2 * y0),
+            T,
+            dt=0.1,
+            method=ReversibleRK("rk4", adjoint=adjoint),
+        )
+        assert a.shape == b.shape == (2,)
+        results.append(torch.autograd.grad(a[-1] + b[-1], [y0, w]))
+    assert all(torch.equal(x, y) for x, y in zip(*results))
