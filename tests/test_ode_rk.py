@@ -254,3 +254,17 @@ def test_pytree_states_of_scalars():
         assert a.shape == b.shape == (2,)
         results.append(torch.autograd.grad(a[-1] + b[-1], [y0, w]))
     assert all(torch.equal(x, y) for x, y in zip(*results))
+
+
+def test_tensor_hooks_run_once_and_non_leaf_parameters_get_their_gradient():
+    # The aliasing of NOTE [hooks once] (adjoint.py), shared with reversible Heun.
+    results, calls = [], []
+    for adjoint in (True, False):
+        torch.manual_seed(0)
+        f = Field()
+        f.net[0].weight.register_hook(lambda grad, a=adjoint: calls.append(a) or grad)
+        y0 = torch.randn(4, 3, dtype=F64)
+        ys = odeint(f, y0, T, dt=0.1, method=ReversibleRK("ralston3", adjoint=adjoint))
+        results.append(torch.autograd.grad(ys.square().sum(), list(f.parameters())))
+    assert calls == [True, False]
+    assert all(torch.equal(a, b) for a, b in zip(*results))
