@@ -73,18 +73,26 @@ class ReversibleAdjoint(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, d_ys: Tensor) -> Any:
-        if torch.is_grad_enabled():
-            raise ReversibilityError(DOUBLE_BACKWARD)
-        if ctx.state is None:
-            raise ReversibilityError(
-                "backward ran twice through the same reversible Heun solve; solve again."
-            )
-        state, ctx.state = ctx.state, None
+        state = take_once(ctx, "state", "reversible Heun")
         with ctx.autocast.replayed(), ctx.modes.replayed():
             walk = _ReverseWalk(ctx.problem, ctx.params, ctx.needs_input_grad[3], d_ys.device)
             d_y0 = walk.run(state, d_ys)
         d_t = None if walk.d_t is None else walk.d_t.to(ctx.problem.grid.source)
         return (None, None, d_y0, d_t, *walk.totals)
+
+
+def take_once(ctx: Any, name: str, solver: str) -> Any:
+    """``ctx.<name>``, which a backward may use once (it is cleared); raises under a double
+    backward and on a second backward through the same solve."""
+    if torch.is_grad_enabled():
+        raise ReversibilityError(DOUBLE_BACKWARD)
+    value = getattr(ctx, name)
+    if value is None:
+        raise ReversibilityError(
+            f"backward ran twice through the same {solver} solve; solve again."
+        )
+    setattr(ctx, name, None)
+    return value
 
 
 def _alias(problem: Problem, params: Sequence[Tensor]) -> tuple[Problem, list[Tensor]]:

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._core.errors import DOUBLE_BACKWARD, ReversibilityError
+from .._core.errors import ReversibilityError
 from .._core.exact import Correction, checksum
 from .._core.leaves import check_tracked
 from .._core.state import AutocastState, FunctionModes
@@ -40,7 +40,7 @@ from ._base import as_time
 from ._rk_march import RKProblem, march
 from ._rk_scheme import Step, Terms, combine_y, increment, rebuild_y, rebuild_z
 from ._rk_scheme import reverse_increments as psi_back
-from .adjoint import _FIX, alias_fields
+from .adjoint import _FIX, alias_fields, take_once
 from .grid import Grid
 
 
@@ -100,13 +100,7 @@ class RKAdjoint(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, d_ys: Tensor) -> Any:
-        if torch.is_grad_enabled():
-            raise ReversibilityError(DOUBLE_BACKWARD)
-        if ctx.final is None:
-            raise ReversibilityError(
-                "backward ran twice through the same reversible Runge-Kutta solve; solve again."
-            )
-        final, ctx.final = ctx.final, None
+        final = take_once(ctx, "final", "reversible Runge-Kutta")
         with ctx.autocast.replayed(), ctx.modes.replayed():
             walk = _Walk(ctx.problem, ctx.grid, ctx.params, ctx.records, ctx.needs_input_grad[4])
             d_y0 = walk.run(*final, d_ys)
