@@ -83,6 +83,9 @@ def test_ode_benchmark_quick(tmp_path):
         adjoint = rows[f"torchrev {kind}reversible Heun, adjoint"]
         assert adjoint["grad_error"] < 1e-12
         assert adjoint["peak_mib"] < rows[f"torchrev {kind}reversible Heun, backprop"]["peak_mib"]
+    adaptive = rows["torchrev reversible dopri5, adjoint"]
+    assert adaptive["grad_error"] == 0.0  # exact reversal: backpropagation's gradients
+    assert adaptive["grad_error_vs_exact"] < 1e-5
 
 
 def test_neural_ode_example_runs(tmp_path, monkeypatch):

@@ -256,7 +256,7 @@ def bad_calls():
             r"\(5, 4, 3\)",
         ),
         "batch mismatch": (lambda: cdeint(path, func, z0[:2], t), ValueError, "batch dimensions"),
-        "adaptive options": (lambda: cdeint(path, func, z0, t, rtol=1e-4), TypeError, "Pass dt="),
+        "adaptive options": (lambda: cdeint(path, func, z0, t, rtol=1e-4), TypeError, "pass dt "),
         "integer data": (lambda: natural_cubic_coeffs(x.long()), ValueError, "floating-point"),
         "times of another length": (
             lambda: natural_cubic_coeffs(x, t_data[:-1]),

@@ -360,7 +360,7 @@ def test_unknown_methods_and_noise():
     y0, t = torch.ones(2), torch.tensor([0.0, 1.0])
     with pytest.raises(ValueError, match="unknown method 'dopri5'"):
         odeint(lambda t, y: -y, y0, t, method="dopri5")
-    with pytest.raises(ValueError, match="reversible Heun only"):
+    with pytest.raises(ValueError, match="reversible methods only"):
         sdeint(lambda t, y: -y, lambda t, y: y, y0, t, dt=0.1, method="euler")
     with pytest.raises(ValueError, match="noise must be"):
         sdeint(lambda t, y: -y, lambda t, y: y, y0, t, dt=0.1, noise="multiplicative")

@@ -149,6 +149,25 @@ def test_pytree_states_equal_the_concatenated_solve_with_exact_gradients():
     assert_close_tensors(results[0], results[1], 1e-8)
 
 
+def test_pytree_states_of_scalars_and_mixed_shapes():
+    # Issue 28: 0-dimensional leaves (time and leaf shape both empty after the split) once
+    # failed in the unflattening with "reshape() missing 1 required positional arguments".
+    y0 = torch.tensor(1.0, dtype=F64, requires_grad=True)
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=F64)
+    a, b = odeint(lambda t, y: (-y[0], -2 * y[1]), (y0, y0), t, dt=0.01)
+    assert a.shape == b.shape == (3,)
+    flat = odeint(lambda t, y: -y * torch.tensor([1.0, 2.0], dtype=F64), y0.expand(2), t, dt=0.01)
+    torch.testing.assert_close(torch.stack((a, b), -1), flat, rtol=1e-14, atol=0)
+    (grad,) = torch.autograd.grad((a[-1] + b[-1]), [y0])
+    torch.testing.assert_close(grad, flat[-1].sum() / y0, rtol=1e-10, atol=0)
+    mixed = {"s": y0, "v": torch.ones(2, 3, dtype=F64)}
+    out = odeint(lambda t, y: {"s": -y["s"], "v": -y["v"]}, mixed, t, dt=0.01)
+    assert out["s"].shape == (3,) and out["v"].shape == (3, 2, 3)
+    torch.testing.assert_close(out["s"][-1], out["v"][-1, 0, 0] * y0, rtol=1e-14, atol=0)
+    single = odeint(lambda t, y: (-y[0],), (y0,), t[:1])
+    assert single[0].shape == (1,)
+
+
 def test_pytree_field_returning_another_structure():
     with pytest.raises(ValueError, match="must return the state's structure"):
         odeint(lambda t, y: (y[0],), (torch.ones(2), torch.ones(3)), torch.tensor([0.0, 1.0]))
@@ -307,7 +326,8 @@ def bad_calls():
             ValueError,
             "t.detach",
         ),
-        "tolerances": (lambda: odeint(f, y0, t, rtol=1e-5), TypeError, "Pass dt="),
+        "tolerances": (lambda: odeint(f, y0, t, rtol=1e-5), TypeError, "reversible_dopri5"),
+        "other options": (lambda: odeint(f, y0, t, tol=1e-5), TypeError, "pass dt="),
         "adjoint_params of modules": (
             lambda: odeint(f, y0, t, adjoint_params=[nn.Linear(2, 2)]),
             TypeError,

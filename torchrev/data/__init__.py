@@ -3,3 +3,4 @@
 from .digits import load_digits as load_digits
 from .sentiment import make_sentiment as make_sentiment
 from .shapes3d import make_shapes3d as make_shapes3d
+from .uea import load_uea as load_uea

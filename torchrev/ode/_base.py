@@ -50,6 +50,17 @@ def evaluate(
     return out
 
 
+def check_brownian(dw: object, want: torch.Size, n: int) -> Tensor:
+    """``dw`` if it is a Brownian increment of the shape ``want``, else an error."""
+    if not isinstance(dw, Tensor) or dw.shape != want:
+        raise ValueError(
+            f"brownian(t0, t1, n) must return the increment W(t1) - W(t0), a tensor of shape "
+            f"{tuple(want)} for this state and noise type; at step {n} it returned "
+            f"{describe(dw)}."
+        )
+    return dw
+
+
 class FiniteWatch:
     """Remembers the first step whose outputs were not finite, without a sync per step (one
     check at the end), and raises an error naming it. Steps are seen in order, from 0; each

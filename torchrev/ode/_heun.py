@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._base import FiniteWatch, Time, VectorField, as_time, describe, evaluate
+from ._base import FiniteWatch, Time, VectorField, as_time, check_brownian, evaluate
 from .brownian import BrownianIncrements
 from .grid import Grid
 from .noise import Noise
@@ -74,15 +74,8 @@ class Problem:
         if self.brownian is None:
             return None
         t = self.grid.times
-        dw = self.brownian(t[n], t[n + 1], n)
         want = self.noise.increment_shape  # type: ignore[union-attr]
-        if not isinstance(dw, Tensor) or dw.shape != want:
-            raise ValueError(
-                f"brownian(t0, t1, n) must return the increment W(t1) - W(t0), a tensor of "
-                f"shape {tuple(want)} for this state and noise type; at step {n} it returned "
-                f"{describe(dw)}."
-            )
-        return dw
+        return check_brownian(self.brownian(t[n], t[n + 1], n), want, n)
 
 
 def initial_state(problem: Problem, y0: Tensor) -> tuple[Problem, HeunState]:

@@ -75,7 +75,7 @@ class Flattened:
         pieces = torch.split(flat, sizes, dim=-1)
         lead = flat.shape[:-1]
         return tree_unflatten(
-            [p.reshape(*lead, *s) for p, s in zip(pieces, self.shapes)], self.spec
+            [p.reshape((*lead, *s)) for p, s in zip(pieces, self.shapes)], self.spec
         )
 
 

@@ -73,13 +73,7 @@ class ReversibleAdjoint(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, d_ys: Tensor) -> Any:
-        if torch.is_grad_enabled():
-            raise ReversibilityError(DOUBLE_BACKWARD)
-        if ctx.state is None:
-            raise ReversibilityError(
-                "backward ran twice through the same reversible Heun solve; solve again."
-            )
-        state, ctx.state = ctx.state, None
+        state = take_once(ctx, "state", "reversible Heun")
         with ctx.autocast.replayed(), ctx.modes.replayed():
             walk = _ReverseWalk(ctx.problem, ctx.params, ctx.needs_input_grad[3], d_ys.device)
             d_y0 = walk.run(state, d_ys)
@@ -87,22 +81,55 @@ class ReversibleAdjoint(torch.autograd.Function):
         return (None, None, d_y0, d_t, *walk.totals)
 
 
+def take_once(ctx: Any, name: str, solver: str) -> Any:
+    """``ctx.<name>``, which a backward may use once (it is cleared); raises under a double
+    backward and on a second backward through the same solve."""
+    if torch.is_grad_enabled():
+        raise ReversibilityError(DOUBLE_BACKWARD)
+    value = getattr(ctx, name)
+    if value is None:
+        raise ReversibilityError(
+            f"backward ran twice through the same {solver} solve; solve again."
+        )
+    setattr(ctx, name, None)
+    return value
+
+
 def _alias(problem: Problem, params: Sequence[Tensor]) -> tuple[Problem, list[Tensor]]:
+    """The problem with its fields aliased by :func:`alias_fields`, and the tensors to
+    differentiate."""
+    (f, g), aliases = alias_fields((problem.f, problem.g), params)
+    if f is problem.f and g is problem.g:
+        return problem, aliases
+    swapped = Problem(
+        f,  # type: ignore[arg-type]
+        g,
+        problem.grid,
+        problem.noise,
+        problem.brownian,
+        problem.seed,
+    )
+    return swapped, aliases
+
+
+def alias_fields(
+    fields: Sequence[VectorField | None], params: Sequence[Tensor]
+) -> tuple[list[VectorField | None], list[Tensor]]:
     """NOTE [hooks once]: the adjoint takes one partial gradient per step with autograd.grad,
     which would run a parameter's tensor hooks (register_hook) on every partial, before
     autograd runs them once more on the total this node returns. And a tensor computed from
     others (a non-leaf, such as the coefficients of a spline built by a network) would lead
     each partial into the graph that made it, freed after the first. Fields that are modules
     are therefore evaluated with detached aliases of such parameters and buffers, and the
-    partials are read off the aliases. Returns the problem to walk and the tensors to
-    differentiate."""
+    partials are read off the aliases. Returns the fields to evaluate (the same objects when
+    nothing needs an alias) and the tensors to differentiate."""
     aliases = {
         id(p): p.detach().requires_grad_()
         for p in params
         if p._backward_hooks or p.grad_fn is not None
     }
     if not aliases:
-        return problem, list(params)
+        return list(fields), list(params)
     reached: set[int] = set()
 
     def aliased(field: VectorField | None) -> VectorField | None:
@@ -113,21 +140,14 @@ def _alias(problem: Problem, params: Sequence[Tensor]) -> tuple[Problem, list[Te
         reached.update(id(p) for p in itertools.chain(field.parameters(), field.buffers()))
         return (lambda t, y: functional_call(field, swap, (t, y))) if swap else field
 
-    swapped = Problem(
-        aliased(problem.f),  # type: ignore[arg-type]
-        aliased(problem.g),
-        problem.grid,
-        problem.noise,
-        problem.brownian,
-        problem.seed,
-    )
+    swapped = [aliased(field) for field in fields]
     missing = [p for p in params if id(p) in aliases and id(p) not in reached]
     if any(p._backward_hooks for p in missing):
         raise ReversibilityError(
             "a tensor in adjoint_params has a tensor hook (register_hook) and is not a "
             "parameter of an nn.Module field, so the reversible adjoint would run the hook once "
             "per step. Register it with register_post_accumulate_grad_hook instead, make the "
-            "field an nn.Module that owns the tensor, or solve with ReversibleHeun(adjoint=False)."
+            "field an nn.Module that owns the tensor, or solve with adjoint=False."
         )
     if missing:
         shapes = ", ".join(str(tuple(p.shape)) for p in missing)

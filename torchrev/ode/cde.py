@@ -22,13 +22,17 @@ from torch import Tensor, nn
 
 from ._base import AbstractSolver, describe
 from .reversible_heun import ReversibleHeun
-from .solve import solve, solver_for, step_size
+from .reversible_rk import ReversibleRK
+from .solve import SOLVERS, adaptive_method, solve, solver_for, step_size
 
 
 class ControlledField(nn.Module):
     """:math:`f(t, z)\\,dX/dt(t)`: the CDE's vector field as an ODE's (a module, holding the
     path and ``func`` as submodules when they are modules, so that their parameters and
     trainable buffers are found and aliased like any field's)."""
+
+    #: Other kernels with and without grad (NOTE [grad mode of the forward], rk_adjoint.py).
+    values_depend_on_grad_mode = True
 
     def __init__(self, X: Any, func: Callable[[Tensor, Tensor], Tensor]) -> None:
         super().__init__()
@@ -70,6 +74,8 @@ def cdeint(
     dt: float | None = None,
     adjoint_params: Sequence[Tensor] | None = None,
     options: dict[str, Any] | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
     **unsupported: Any,
 ) -> Tensor:
     """Solve the CDE :math:`dz = f(t, z)\\,dX(t)` from ``z0`` at ``t[0]``: torchcde's
@@ -86,7 +92,8 @@ def cdeint(
     in memory constant in the steps; ``adjoint=False`` backpropagates through them; ``method``
     picks another solver. Parameters are found in ``func`` and ``X`` (trainable buffers of
     the path included), as :func:`~torchrev.ode.odeint` finds them; ``adjoint_params``
-    replaces them.
+    replaces them. A reversible Runge-Kutta method (``method="reversible_rk4"``, ...) takes
+    adaptive steps when ``rtol`` or ``atol`` is given, as in :func:`~torchrev.ode.odeint`.
     """
     if not callable(getattr(X, "derivative", None)):
         raise TypeError(
@@ -96,11 +103,18 @@ def cdeint(
         )
     if not isinstance(z0, Tensor) or z0.ndim < 1:
         raise TypeError(f"z0 must be a tensor of shape (..., hidden_channels), got {describe(z0)}.")
+    if method == "reversible_heun":
+        method = ReversibleHeun(adjoint=adjoint)
+    elif isinstance(method, str) and method.startswith("reversible_") and method in SOLVERS:
+        method = ReversibleRK(method.removeprefix("reversible_"), adjoint=adjoint)
+    field = ControlledField(X, func)
+    if rtol is not None or atol is not None:
+        options = dict(options or {})
+        solver = adaptive_method(method, options.pop("step_size", dt), rtol, atol, options)
+        return solve(solver, field, None, z0, t, None, adjoint_params).movedim(0, -2)
     dt = step_size(dt, options, unsupported)
     if dt is None and isinstance(getattr(X, "grid_points", None), Tensor):
         gaps = X.grid_points.detach().diff().abs()
         dt = float(gaps.min()) if len(gaps) else None
-    if method == "reversible_heun":
-        method = ReversibleHeun(adjoint=adjoint)
-    ys = solve(solver_for(method), ControlledField(X, func), None, z0, t, dt, adjoint_params)
+    ys = solve(solver_for(method), field, None, z0, t, dt, adjoint_params)
     return ys.movedim(0, -2)

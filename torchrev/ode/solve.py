@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -12,20 +13,26 @@ from torch.utils._pytree import tree_map
 from ._base import AbstractSolver, VectorField
 from ._heun import Brownian, Problem
 from ._params import parameters_of
+from ._rk_scheme import Terms
 from ._tree import Flattened, TreeField
+from .adaptive import AdaptiveSteps
+from .brownian_interval import BrownianInterval
 from .euler import Euler
 from .grid import Grid, check_times
 from .midpoint import Midpoint
 from .noise import Noise
 from .reversible_heun import ReversibleHeun
+from .reversible_rk import ReversibleRK
 from .rk4 import RK4
+from .tableau import TABLEAUS
 
 #: Solvers by name, for ``method="..."``; passing a solver object works as well.
-SOLVERS: dict[str, type[AbstractSolver]] = {
+SOLVERS: dict[str, Callable[[], AbstractSolver]] = {
     "reversible_heun": ReversibleHeun,
     "euler": Euler,
     "midpoint": Midpoint,
     "rk4": RK4,
+    **{f"reversible_{name}": functools.partial(ReversibleRK, name) for name in TABLEAUS},
 }
 
 
@@ -35,8 +42,8 @@ def solver_for(method: str | AbstractSolver) -> AbstractSolver:
     if method not in SOLVERS:
         raise ValueError(
             f"unknown method {method!r}; choose one of {', '.join(SOLVERS)} or pass a solver "
-            f"object such as torchrev.ode.ReversibleHeun(adjoint=False). (Adaptive methods such "
-            f"as torchdiffeq's dopri5 are not here: every solver takes fixed steps of dt.)"
+            f"object such as torchrev.ode.ReversibleRK('rk4', adjoint=False). (Adaptive steps: "
+            f"a reversible method with rtol/atol, e.g. method='reversible_dopri5'.)"
         )
     return SOLVERS[method]()
 
@@ -56,9 +63,10 @@ def step_size(
     unknown = sorted([*extra, *(f"options[{k!r}]" for k in options)])
     if unknown:
         raise TypeError(
-            f"unsupported argument(s) {', '.join(unknown)}: torchrev's solvers take fixed steps, "
-            f"so tolerances (rtol, atol) and adaptive-step options do not apply. Pass dt= (the "
-            f"largest step; each interval of t is cut into equal steps no longer than dt)."
+            f"unsupported argument(s) {', '.join(unknown)}: pass dt= (the largest step; each "
+            f"interval of t is cut into equal steps no longer than dt), or rtol=/atol= (and "
+            f"options={{'max_steps': ...}}) with a reversible Runge-Kutta method for adaptive "
+            f"steps."
         )
     return dt
 
@@ -98,9 +106,62 @@ def solve(
         g = None if g is None else TreeField(tree, g, "g")
     if isinstance(solver, ReversibleHeun):
         ys = solver.solve_problem(Problem(f, g, grid, noise, brownian, seed), y0, params)
+    elif isinstance(solver, ReversibleRK):
+        terms, brownian = _terms(f, g, y0, grid, noise, seed, brownian)
+        ys = solver.solve_terms(terms, y0, grid, params, brownian)
     else:
         ys = solver.solve(f, y0, grid)
     return ys if tree is None else tree.unflatten(ys)
+
+
+def _terms(
+    f: VectorField,
+    g: VectorField | None,
+    y0: Tensor,
+    grid: Grid,
+    noise: Noise | None,
+    seed: int,
+    brownian: Brownian | None,
+) -> tuple[Terms, Brownian | None]:
+    """The terms of a reversible Runge-Kutta solve: for an SDE, the noise shape read off
+    ``g(t0, y0)`` and a :class:`BrownianInterval` unless ``brownian`` is given."""
+    if g is None:
+        return Terms(f), None
+    with torch.no_grad():
+        g0 = g(torch.as_tensor(grid.times[0], dtype=y0.dtype, device=y0.device), y0)
+    resolved = (noise or Noise("diagonal")).resolve(g0, y0)
+    if brownian is None:
+        lo, hi = sorted((grid.times[0], grid.times[-1]))
+        path = BrownianInterval(lo, hi, resolved.increment_shape, seed, y0.dtype, y0.device)
+        brownian = path.increment
+    return Terms(f, g, resolved), brownian
+
+
+def adaptive_method(
+    method: str | AbstractSolver,
+    dt: float | None,
+    rtol: float | None,
+    atol: float | None,
+    options: dict[str, Any],
+) -> AbstractSolver:
+    """The solver for ``method``, made adaptive when ``rtol`` or ``atol`` is given (``dt``
+    is then the first step, ``options['max_steps']`` the budget)."""
+    solver = solver_for(method)
+    if rtol is None and atol is None:
+        return solver
+    if not isinstance(solver, ReversibleRK):
+        raise TypeError(
+            f"rtol/atol choose adaptive steps, which the reversible Runge-Kutta methods take; "
+            f"got method {method!r}. Pass method='reversible_dopri5' (or 'reversible_bosh3', "
+            f"'reversible_rk4'), or drop rtol/atol and pass dt for fixed steps."
+        )
+    settings = AdaptiveSteps(
+        rtol=1e-6 if rtol is None else rtol,
+        atol=1e-8 if atol is None else atol,
+        max_steps=int(options.pop("max_steps", 100_000)),
+        first_step=dt,
+    )
+    return ReversibleRK(solver.tableau, solver.lam, solver.adjoint, solver.exact, settings)
 
 
 def _listed(params: Sequence[Tensor]) -> list[Tensor]:
@@ -123,6 +184,8 @@ def odeint(
     dt: float | None = None,
     adjoint_params: Sequence[Tensor] | None = None,
     options: dict[str, Any] | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
     **unsupported: Any,
 ) -> Any:
     """Solve :math:`dy/dt = f(t, y)` from ``y0`` at ``t[0]``; the solution at every ``t``.
@@ -138,8 +201,15 @@ def odeint(
     ``nn.Module``, and those of the modules and tensors requiring grad it closes over or names
     (:mod:`._params`); ``adjoint_params`` replaces them. A trainable tensor ``f`` uses that is
     neither found nor listed raises ``ReversibilityError`` at the call rather than getting no
-    gradient.
+    gradient. The reversible Runge-Kutta methods (``method="reversible_rk4"`` and the others
+    of :data:`SOLVERS`, or :class:`ReversibleRK`) take adaptive steps when ``rtol`` or
+    ``atol`` is given (``dt`` is then the first step, ``options={"max_steps": ...}`` the
+    budget); their adjoint's gradients equal backpropagation through the same steps.
     """
+    options = dict(options or {})
+    if rtol is not None or atol is not None:
+        solver = adaptive_method(method, options.pop("step_size", dt), rtol, atol, options)
+        return solve(solver, f, None, y0, t, None, adjoint_params)
     dt = step_size(dt, options, unsupported)
     return solve(solver_for(method), f, None, y0, t, dt, adjoint_params)
 
@@ -167,13 +237,17 @@ def sdeint(
     regenerated, not stored, in the backward pass; ``brownian`` may replace them with any
     ``(t0, t1, n) -> W(t1) - W(t0)``. ``t`` may decrease; gradients with respect to ``t`` are
     refused (a Brownian path has no time derivative). Only reversible Heun solves SDEs here
-    (``ReversibleHeun(adjoint=False)`` to backpropagate through its steps instead).
+    (``ReversibleHeun(adjoint=False)`` to backpropagate through its steps instead). The
+    reversible Runge-Kutta methods solve it too (each stage's increment
+    :math:`f h + g \\Delta W`), with Brownian increments from a
+    :class:`~torchrev.ode.BrownianInterval` (``seed``), consistent on any grid, adaptive
+    (``ReversibleRK(..., adaptive=AdaptiveSteps(...))``) included.
     """
     kind = Noise(noise)  # checks the name
     solver = solver_for(method)
-    if not isinstance(solver, ReversibleHeun):
+    if not isinstance(solver, (ReversibleHeun, ReversibleRK)):
         raise ValueError(
-            f"sdeint solves with reversible Heun only (Stratonovich); got {method!r}. Use "
-            f"method='reversible_heun' or ReversibleHeun(adjoint=False)."
+            f"sdeint solves with the reversible methods only (Stratonovich); got {method!r}. "
+            f"Use method='reversible_heun', 'reversible_midpoint', ... or a ReversibleRK."
         )
     return solve(solver, f, g, y0, t, dt, adjoint_params, kind, seed, brownian)
