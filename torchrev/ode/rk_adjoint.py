@@ -33,7 +33,8 @@ import torch
 from torch import Tensor
 
 from .._core.errors import ReversibilityError
-from .._core.exact import Correction, checksum
+from .._core.exact import Correction
+from .._core.fingerprint import checksum
 from .._core.leaves import check_tracked
 from .._core.state import AutocastState, FunctionModes
 from ._base import as_time
@@ -202,8 +203,7 @@ class _Walk:
                 f"step {n}, so the state cannot be rebuilt exactly and the gradients would be "
                 f"wrong. Make the field deterministic (torch.use_deterministic_algorithms(True)"
                 f", no random draws); if it computes differently with and without grad, set "
-                f"its attribute values_depend_on_grad_mode = True; or pass exact=False to "
-                f"reverse in floating point."
+                f"its attribute values_depend_on_grad_mode = True."
             )
         correction = record.y if which == "y" else record.z
         self.records[n] = replace(record, **{which: None})  # type: ignore[arg-type]
