@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -12,9 +14,12 @@ from torch.utils.checkpoint import checkpoint
 
 from . import opaque
 from .block import AbstractReversibleBlock, check_steps
+from .budget import plan_stack
 from .exact import Exact, check_setting, resolve
 from .function import reversible_forward
 from .inverse import Inverted
+from .plan import Choice, Plan
+from .planned import run_plan
 
 
 class ReversibleSequential(nn.ModuleList):
@@ -61,6 +66,15 @@ class ReversibleSequential(nn.ModuleList):
     ``checkpoint_blocks=True`` (with ``reversible=False``) runs each block under
     ``torch.utils.checkpoint`` instead, the usual alternative, for comparison.
 
+    ``memory_budget`` trades memory back for time: bytes of activations and temporaries the
+    training step may keep beyond parameters and gradients (an int), or a fraction of the way
+    from the all-reversed floor to plain autograd's peak (a float in [0, 1]). On the first
+    training call of each input shape the stack measures its blocks and chooses, per block, to
+    keep its activations (plain autograd), keep only its input (checkpointing) or reverse it,
+    most time saved per byte first, and checks the plan's measured peak against the budget
+    (:mod:`torchrev._core.budget`). ``stack.plan`` shows the choice; gradients are those of the
+    all-reversed stack. :func:`torchrev.fit_memory` shares one budget across a model's stacks.
+
     Contract for branches (``f`` and ``g``): they depend only on their inputs, the keyword
     arguments, and their own parameters and buffers, and give the same output when rerun under
     the same RNG and autocast state. :func:`torchrev.check_reversibility` tests a stack on it.
@@ -74,6 +88,7 @@ class ReversibleSequential(nn.ModuleList):
         verify: float | None = None,
         exact: Exact = "auto",
         overlap: bool = False,
+        memory_budget: int | float | None = None,
     ) -> None:
         super().__init__(blocks)
         _check_blocks(blocks)
@@ -82,6 +97,32 @@ class ReversibleSequential(nn.ModuleList):
         self.checkpoint_blocks = checkpoint_blocks
         self.verify = verify
         self.exact = exact
+        self.memory_budget = memory_budget
+        self._plan: Plan | None = None
+        self._plan_key: tuple[Any, ...] | None = None
+        self._forced: tuple[Choice, ...] | None = None  # while a plan is measured
+        self._runs: dict[tuple[int, int], ReversibleSequential] = {}
+
+    @property
+    def memory_budget(self) -> int | float | None:
+        """Bytes (int) or a fraction (float) of activation memory, or None: see the class
+        docstring. Setting it drops the current plan."""
+        return self._memory_budget
+
+    @memory_budget.setter
+    def memory_budget(self, value: int | float | None) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise TypeError(
+                f"memory_budget must be bytes (int), a fraction (float) or None, got {value!r}"
+            )
+        self._memory_budget = value
+        self._set_plan(None, None)
+
+    @property
+    def plan(self) -> Plan | None:
+        """The plan in use for the last input shape (``print(stack.plan)`` shows the table), or
+        None before the first training call under a budget."""
+        return self._plan
 
     @property
     def exact(self) -> Exact:
@@ -101,6 +142,7 @@ class ReversibleSequential(nn.ModuleList):
                 verify=self.verify,
                 exact=self.exact,
                 overlap=self.overlap,
+                memory_budget=self.memory_budget,
             )
         return super().__getitem__(index)
 
@@ -111,6 +153,9 @@ class ReversibleSequential(nn.ModuleList):
             blocks[0].check_streams(streams, "ReversibleSequential.forward")
         training = self.training and self._needs_grad(streams, kwargs)
         if self.reversible and training:
+            choices = self._choices(streams, kwargs)
+            if choices is not None and any(c != "reverse" for c in choices):
+                return run_plan(self, choices, streams, kwargs)
             return self._reversible(streams, kwargs, inverse=False)
         for block in blocks:
             if self.checkpoint_blocks and training:
@@ -155,6 +200,64 @@ class ReversibleSequential(nn.ModuleList):
             blocks, streams, kwargs, verify=self.verify, exact=exact, overlap=self.overlap
         )
 
+    def _resolved_exact(self, streams: Sequence[Tensor]) -> Any:
+        return resolve(self.exact, list(self), streams)
+
+    def _run(self, start: int, stop: int, streams: Sequence[Tensor]) -> ReversibleSequential:
+        """Blocks ``start:stop`` as a stack of their own (not a submodule), with this stack's
+        resolved exactness: what a plan runs through the engine in one call."""
+        run = self._runs.get((start, stop))
+        if run is None:
+            run = ReversibleSequential(
+                *list(self)[start:stop],
+                verify=self.verify,
+                exact=self._resolved_exact(streams),
+                overlap=self.overlap,
+            )
+            self._runs[(start, stop)] = run
+        return run
+
+    def _set_plan(self, plan: Plan | None, key: tuple[Any, ...] | None) -> None:
+        self._plan, self._plan_key = plan, key
+        self._runs = {}
+
+    @contextmanager
+    def _forced_choices(self, choices: tuple[Choice, ...] | None) -> Iterator[None]:
+        """Run under ``choices`` (None: every block reversed) while a plan is measured."""
+        previous, self._forced = self._forced, choices or ("reverse",) * len(self)
+        try:
+            yield
+        finally:
+            self._forced = previous
+
+    def _choices(
+        self, streams: tuple[Tensor, ...], kwargs: dict[str, Any]
+    ) -> tuple[Choice, ...] | None:
+        """The plan's choices for this call's shapes, planning first where needed."""
+        if self._forced is not None:
+            return self._forced
+        if self._plan is None and self.memory_budget is None:
+            return None
+        key = shape_key(streams, kwargs)
+        if self._plan is not None and self._plan_key == key:
+            return self._plan.choices
+        if torch.compiler.is_compiling():
+            raise RuntimeError(
+                "torchrev: a stack with a memory budget plans on its first training call of each "
+                "input shape, which cannot run while torch.compile traces. Run one eager "
+                "training step on these shapes (or torchrev.fit_memory) before compiling."
+            )
+        if self.memory_budget is None:  # planned by fit_memory for other shapes
+            warnings.warn(
+                "torchrev: this stack's memory plan was made for other input shapes; it runs "
+                "fully reversed (the floor) until torchrev.fit_memory is called for these.",
+                stacklevel=3,
+            )
+            self._set_plan(None, None)
+            return None
+        self._set_plan(plan_stack(self, streams, kwargs, self.memory_budget), key)
+        return self._plan.choices  # type: ignore[union-attr]
+
     def _needs_grad(self, streams: tuple[Tensor, ...], kwargs: dict[str, Any]) -> bool:
         if not torch.is_grad_enabled():
             return False
@@ -166,8 +269,14 @@ class ReversibleSequential(nn.ModuleList):
     def extra_repr(self) -> str:
         return (
             f"reversible={self.reversible}, exact={self.exact!r}, overlap={self.overlap}, "
-            f"checkpoint_blocks={self.checkpoint_blocks}"
+            f"checkpoint_blocks={self.checkpoint_blocks}, memory_budget={self.memory_budget}"
         )
+
+
+def shape_key(streams: Sequence[Tensor], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    """What a plan depends on: the shapes, dtypes and devices of the call's tensors."""
+    tensors = [*streams, *(v for v in tree_leaves(kwargs) if isinstance(v, Tensor))]
+    return tuple((tuple(t.shape), t.dtype, t.device) for t in tensors)
 
 
 def _check_blocks(blocks: Any) -> None:
