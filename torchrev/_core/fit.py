@@ -39,10 +39,11 @@ def fit_memory(
     training will use; ``loss_fn`` turns the output into the loss (default: its ``.loss`` if
     any, else the sum of its floating-point tensors). The model must be in training mode.
 
-    Returns the plan (``print(plan)`` shows the table) and installs each stack's part of it,
-    for these input shapes: a stack called with other shapes runs fully reversed, with a
-    warning, until this is called again. A budget below the floor raises a ``ValueError``
-    stating the floor. Stacks' own ``memory_budget`` is cleared: the shared plan replaces it.
+    Returns the plan (``print(plan)`` shows the table) and installs each stack's part of it
+    for these input shapes, beside the plans of other shapes (call it once per shape
+    training uses, a smaller last batch included): a stack called with shapes never planned
+    runs fully reversed, with a warning. A budget below the floor raises a ``ValueError``
+    stating the floor. Stacks' own ``memory_budget`` is cleared: shared plans replace it.
     """
     if not model.training:
         raise ValueError("fit_memory plans a training step: call model.train() first.")
@@ -58,7 +59,8 @@ def fit_memory(
     calls = _captured(model, example_inputs, [m for _, m in stacks], device)
     stacks = [(name, m) for name, m in stacks if id(m) in calls]
     for _, m in stacks:
-        m.memory_budget = None
+        if m.memory_budget is not None:
+            m.memory_budget = None  # and its own plans
     costs = [measure_blocks(m, *calls[id(m)]) for _, m in stacks]
 
     def measure(choices: Sequence[tuple[Choice, ...]]) -> int:

@@ -98,10 +98,8 @@ class ReversibleSequential(nn.ModuleList):
         self.verify = verify
         self.exact = exact
         self.memory_budget = memory_budget
-        self._plan: Plan | None = None
-        self._plan_key: tuple[Any, ...] | None = None
         self._forced: tuple[Choice, ...] | None = None  # while a plan is measured
-        self._runs: dict[tuple[int, int], ReversibleSequential] = {}
+        self._runs: dict[tuple[int, int, Any], ReversibleSequential] = {}
 
     @property
     def memory_budget(self) -> int | float | None:
@@ -116,12 +114,13 @@ class ReversibleSequential(nn.ModuleList):
                 f"memory_budget must be bytes (int), a fraction (float) or None, got {value!r}"
             )
         self._memory_budget = value
-        self._set_plan(None, None)
+        self._plans: dict[tuple[Any, ...], Plan] = {}  # by shape_key
+        self._plan: Plan | None = None
 
     @property
     def plan(self) -> Plan | None:
-        """The plan in use for the last input shape (``print(stack.plan)`` shows the table), or
-        None before the first training call under a budget."""
+        """The plan of the last planned training call (``print(stack.plan)`` shows the table),
+        or None before the first one. Plans are kept per input shape."""
         return self._plan
 
     @property
@@ -206,20 +205,19 @@ class ReversibleSequential(nn.ModuleList):
     def _run(self, start: int, stop: int, streams: Sequence[Tensor]) -> ReversibleSequential:
         """Blocks ``start:stop`` as a stack of their own (not a submodule), with this stack's
         resolved exactness: what a plan runs through the engine in one call."""
-        run = self._runs.get((start, stop))
-        if run is None:
+        exact = self._resolved_exact(streams)
+        run = self._runs.get((start, stop, exact))
+        if run is None or run.verify != self.verify or run.overlap != self.overlap:
+            blocks = list(self)[start:stop]
             run = ReversibleSequential(
-                *list(self)[start:stop],
-                verify=self.verify,
-                exact=self._resolved_exact(streams),
-                overlap=self.overlap,
+                *blocks, verify=self.verify, exact=exact, overlap=self.overlap
             )
-            self._runs[(start, stop)] = run
+            self._runs[(start, stop, exact)] = run
         return run
 
-    def _set_plan(self, plan: Plan | None, key: tuple[Any, ...] | None) -> None:
-        self._plan, self._plan_key = plan, key
-        self._runs = {}
+    def _set_plan(self, plan: Plan, key: tuple[Any, ...]) -> None:
+        """Use ``plan`` for calls whose tensors have ``key``'s shapes (NOTE in fit.py)."""
+        self._plans[key] = self._plan = plan
 
     @contextmanager
     def _forced_choices(self, choices: tuple[Choice, ...] | None) -> Iterator[None]:
@@ -236,27 +234,29 @@ class ReversibleSequential(nn.ModuleList):
         """The plan's choices for this call's shapes, planning first where needed."""
         if self._forced is not None:
             return self._forced
-        if self._plan is None and self.memory_budget is None:
+        if not self._plans and self.memory_budget is None:
             return None
         key = shape_key(streams, kwargs)
-        if self._plan is not None and self._plan_key == key:
-            return self._plan.choices
+        plan = self._plans.get(key)
+        if plan is not None:
+            self._plan = plan
+            return plan.choices
+        if self.memory_budget is None:  # planned by fit_memory, for other shapes
+            warnings.warn(
+                "torchrev: this stack's memory plans were made for other input shapes; calls "
+                "of these shapes run fully reversed (the floor) until torchrev.fit_memory is "
+                "called with example inputs of these shapes too.",
+                stacklevel=3,
+            )
+            return None
         if torch.compiler.is_compiling():
             raise RuntimeError(
                 "torchrev: a stack with a memory budget plans on its first training call of each "
                 "input shape, which cannot run while torch.compile traces. Run one eager "
                 "training step on these shapes (or torchrev.fit_memory) before compiling."
             )
-        if self.memory_budget is None:  # planned by fit_memory for other shapes
-            warnings.warn(
-                "torchrev: this stack's memory plan was made for other input shapes; it runs "
-                "fully reversed (the floor) until torchrev.fit_memory is called for these.",
-                stacklevel=3,
-            )
-            self._set_plan(None, None)
-            return None
         self._set_plan(plan_stack(self, streams, kwargs, self.memory_budget), key)
-        return self._plan.choices  # type: ignore[union-attr]
+        return self._plans[key].choices
 
     def _needs_grad(self, streams: tuple[Tensor, ...], kwargs: dict[str, Any]) -> bool:
         if not torch.is_grad_enabled():
