@@ -251,3 +251,55 @@ def _model_step(model, inputs, loss):
         out = model(**inputs) if isinstance(inputs, dict) else model(*inputs)
         loss(out).backward()
     return tracker.peak_excluding(p.grad for p in params), [p.grad for p in params]
+
+
+def test_budgets_reach_every_stack_through_models_and_conversions():
+    from tests.tiny_models import decoder
+    from torchrev.convert.meft import meft_stage
+
+    model = torchrev.create_model("revvit_tiny", memory_budget=0.5, **_TINY_VIT)
+    assert model.blocks.memory_budget == 0.5
+    revnet = torchrev.create_model("revnet38", memory_budget=0.25)
+    stacks = [m for m in revnet.modules() if isinstance(m, torchrev.ReversibleSequential)]
+    assert len(stacks) > 1 and all(s.memory_budget == 0.25 for s in stacks)
+    with pytest.raises(ValueError, match="fit_memory"):
+        torchrev.create_model("revnet38", memory_budget=2**20)
+    assert meft_stage(torchrev.meft(decoder("llama"), memory_budget=0.3)).stack.memory_budget == 0.3
+    rewired = torchrev.rewire(decoder("gpt2"), memory_budget=0.7)
+    stacks = [m for m in rewired.modules() if isinstance(m, torchrev.ReversibleSequential)]
+    assert stacks and all(s.memory_budget == 0.7 for s in stacks)
+
+
+_TINY_VIT = {"dim": 16, "depth": 3, "heads": 2, "image_size": 8, "patch_size": 2}
+
+
+def test_the_command_lines_take_a_budget_in_mib_and_plan_each_shape_once(capsys):
+    import argparse
+
+    from torchrev.cli import finetune, train
+    from torchrev.cli.budget import Budget
+    from torchrev.cli.errors import CliError
+
+    parser = argparse.ArgumentParser()
+    commands = parser.add_subparsers()
+    train.add_parser(commands)
+    finetune.add_parser(commands)
+    assert parser.parse_args(["train", "--memory-budget", "2.5"]).memory_budget == 2.5
+    args = parser.parse_args(["finetune", "--decoder", "llama", "--memory-budget", "40"])
+    assert args.memory_budget == 40 and not args.full_logits
+    model = _Streams(nn.ModuleList([coupling_stack(3), coupling_stack(3)]))
+    budget = Budget(model, 0.001)
+    inputs = (torch.randn(8, 32, dtype=F64),)
+    with pytest.raises(CliError, match="below this model's floor"):
+        budget(inputs, lambda o: o.sum())
+    budget.mib = 1.0
+    budget(inputs, lambda o: o.sum())
+    budget(inputs, lambda o: o.sum())
+    assert capsys.readouterr().out.count("memory plan") == 1
+    assert _step_peak(model, inputs) <= 2**20
+    Budget(nn.Linear(2, 2), 1.0)((torch.randn(1, 2),))
+    assert "no reversible stack" in capsys.readouterr().out
+
+
+def _step_peak(model, inputs):
+    return step(model, inputs, loss=lambda o: o.sum())[0]

@@ -73,6 +73,25 @@ def fit_memory(
     return plan
 
 
+def set_memory_budget(model: nn.Module, budget: int | float | None) -> nn.Module:
+    """Give every reversible stack of ``model`` its own ``memory_budget``; returns ``model``.
+
+    A fraction (or None) means the same for every stack; bytes are one stack's only, so a
+    model with several stacks takes a byte budget through :func:`fit_memory`, which shares it.
+    """
+    stacks = reversible_stacks(model)
+    if isinstance(budget, int) and not isinstance(budget, bool) and len(stacks) > 1:
+        raise ValueError(
+            f"memory_budget={budget} bytes: this model has {len(stacks)} reversible stacks, and "
+            f"bytes cannot be split among them without measuring. Give a fraction (0.0 = all "
+            f"reversed, 1.0 = all kept), applied to each stack, or share the bytes with "
+            f"torchrev.fit_memory(model, example_inputs, {budget})."
+        )
+    for _, stack in stacks:
+        stack.memory_budget = budget
+    return model
+
+
 def reversible_stacks(model: nn.Module) -> list[tuple[str, ReversibleSequential]]:
     """Every reversible stack of ``model`` by name: its submodules, and stacks a module keeps
     out of the module tree and lists in a ``reversible_stacks()`` method (MEFT's)."""
