@@ -73,7 +73,8 @@ RESULTS = Path(__file__).parent / "results"
 MiB = 2**20
 FRACTIONS = tuple(i / 7 for i in range(8))
 COMPILED_BUDGETS = (0.0, 0.1, 0.2, 0.5, 0.8, 1.0)
-Step = Callable[[], None]
+Step = Callable[..., None]
+FULL_DECODER, SMALL_DECODER = (24, 768, 1024), (4, 256, 256)
 
 
 class Case:
@@ -103,7 +104,7 @@ class Case:
 
 
 def llama_case(full: bool) -> Case:
-    layers, width, seq = (24, 768, 1024) if full else (6, 256, 256)
+    layers, width, seq = FULL_DECODER if full else SMALL_DECODER
     model = decoder("llama", layers, width, seq)
     if not full:  # a smaller vocabulary, in proportion to the reduced width
         model.resize_token_embeddings(8000)
@@ -117,7 +118,7 @@ def llama_case(full: bool) -> Case:
 
 
 def vit_case(full: bool) -> Case:
-    depth, dim, side, batch = (12, 768, 224, 8) if full else (6, 256, 128, 16)
+    depth, dim, side, batch = (12, 768, 224, 8) if full else (4, 256, 128, 16)
     torch.manual_seed(0)
     model = torchrev.create_model(
         "revvit_base",
@@ -208,7 +209,7 @@ def lora_methods(full: bool, inputs: dict) -> dict[str, tuple[nn.Module, Step]]:
     transformers' own head."""
     from peft import LoraConfig
 
-    layers, width, seq = (24, 768, 1024) if full else (6, 256, 256)
+    layers, width, seq = FULL_DECODER if full else SMALL_DECODER
     out = {}
     for chunked in (True, False):
         for ckpt in (False, True):
@@ -226,7 +227,7 @@ def lora_methods(full: bool, inputs: dict) -> dict[str, tuple[nn.Module, Step]]:
     return out
 
 
-def compiled_methods(case: Case, backend: str) -> dict[str, Step]:
+def compiled_methods(case: Case, backend: str, models: dict[str, nn.Module]) -> dict[str, Step]:
     """Plain autograd compiled at each activation memory budget (a copy of the model each)."""
     steps = {}
     for budget in COMPILED_BUDGETS:
@@ -236,10 +237,11 @@ def compiled_methods(case: Case, backend: str) -> dict[str, Step]:
         for s in stacks:
             s.reversible = False
         compiled = torch.compile(model, backend=backend)
-        step = case.step(compiled)
-        with torch._functorch.config.patch(activation_memory_budget=budget):
-            step()  # compiles under this budget
+        patch = partial(torch._functorch.config.patch, activation_memory_budget=budget)
+        step = case.step(compiled, around=patch)  # a recompilation also sees the budget
+        step()
         steps[f"compiled budget {budget:.1f}"] = step
+        models[f"compiled budget {budget:.1f}"] = model
     return steps
 
 
@@ -249,19 +251,38 @@ def measure(case: Case, steps: dict[str, Step], models: dict[str, nn.Module], ar
         model = models.get(name, case.model)
         trainable = [p for p in model.parameters() if p.requires_grad]
         step()
-        mib = training_step_peak(partial(step, clear=False), trainable) / MiB
-        rows.append({"model": case.name, "method": name, "peak_mib": mib,
-                     "flops": step_flops(step)})  # fmt: skip
-        print(f"{name:<40} {mib:9.2f} MiB", flush=True)
+        compiled = name.startswith("compiled")
+        # Under a dispatch mode torch.compile runs the frame eagerly: no peak for compiled rows.
+        peak = None if compiled else training_step_peak(partial(step, clear=False), trainable)
+        row = {"model": case.name, "method": name, "mode": "compiled" if compiled else "eager",
+               "peak_mib": None if peak is None else peak / MiB, "saved_mib": saved_mib(step),
+               "flops": None if compiled else step_flops(step)}  # fmt: skip
+        rows.append(row)
+        print(f"{name:<40} peak {row['peak_mib'] or float('nan'):9.2f} MiB, saved "
+              f"{row['saved_mib']:9.2f} MiB", flush=True)  # fmt: skip
     times = interleaved_times(steps, repeats=args.repeats, clock=_clock())
     for row in rows:
-        compiled = row["method"].startswith("compiled")
-        base = "compiled budget 1.0" if compiled else "plain"
-        row["mode"] = "compiled" if compiled else "eager"
+        base = "compiled budget 1.0" if row["mode"] == "compiled" else "plain"
         row["time_vs_plain"] = median_ratio(times[row["method"]], times[base])
-        row["flops_vs_plain"] = row["flops"] / next(r["flops"] for r in rows if r["method"] == base)
+        base_flops = next(r["flops"] for r in rows if r["method"] == "plain")
+        row["flops_vs_plain"] = row["flops"] / base_flops if row["flops"] else None
         row["seconds"] = min(times[row["method"]])
     return rows
+
+
+def saved_mib(step: Step) -> float:
+    """MiB of distinct storages saved for backward in one step (autograd's saved-tensor hooks,
+    which compiled graphs call too): what a step keeps from its forward for its backward."""
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return sum(saved.values()) / MiB
 
 
 def _clock() -> Callable[[], float]:
@@ -272,49 +293,53 @@ def _clock() -> Callable[[], float]:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| model | method | peak MiB | time / plain | flops / plain |",
-        "|---|---|---|---|---|",
+        "| model | method | peak MiB | saved MiB | time / plain | flops / plain |",
+        "|---" * 6 + "|",
     ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['method']} | {r['peak_mib']:.1f} | "
-                     f"{r['time_vs_plain']:.2f}x | {r['flops_vs_plain']:.2f}x |")  # fmt: skip
+        peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.1f}"
+        flops = "-" if r["flops_vs_plain"] is None else f"{r['flops_vs_plain']:.2f}x"
+        lines.append(f"| {r['model']} | {r['method']} | {peak} | {r['saved_mib']:.1f} | "
+                     f"{r['time_vs_plain']:.2f}x | {flops} |")  # fmt: skip
     return "\n".join(lines)
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    """Per model: peak MiB against time (eager methods), and saved MiB against time (every
+    method, compiled ones included)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     models = list(dict.fromkeys(r["model"] for r in rows))
-    fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 5.5), squeeze=False)
-    for ax, model in zip(axes[0], models):
+    fig, axes = plt.subplots(2, len(models), figsize=(7 * len(models), 10), squeeze=False)
+    for column, model in enumerate(models):
         mine = [r for r in rows if r["model"] == model]
-        budget = sorted((r for r in mine if r["method"].startswith("torchrev")),
-                        key=lambda r: r["peak_mib"])  # fmt: skip
-        ax.plot([r["peak_mib"] for r in budget], [r["time_vs_plain"] for r in budget],
-                "o-", color="C3", label="torchrev budgets (eager)")  # fmt: skip
-        compiled = [r for r in mine if r["mode"] == "compiled"]
-        ax.plot(
-            [r["peak_mib"] for r in compiled],
-            [r["time_vs_plain"] for r in compiled],
-            "s--",
-            color="C0",
-            label="compiled activation_memory_budget (vs compiled plain)",
-        )
-        for i, r in enumerate(r for r in mine if r["mode"] == "eager"
-                              and not r["method"].startswith("torchrev")):  # fmt: skip
-            ax.plot(r["peak_mib"], r["time_vs_plain"], "^", color=f"C{(i + 4) % 10}",
-                    label=r["method"])  # fmt: skip
-        ax.set_xscale("log")
-        ax.set_xlabel("peak activation MiB (beyond parameters and gradients)")
-        ax.set_ylabel("step time / plain (same mode, paired)")
-        ax.set_title(model, fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        for ax, key in zip(axes[:, column], ("peak_mib", "saved_mib")):
+            _panel(ax, [r for r in mine if r[key] is not None], key)
+            ax.set_title(model, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def _panel(ax: Any, rows: list[dict], key: str) -> None:
+    budget = sorted((r for r in rows if r["method"].startswith("torchrev")), key=lambda r: r[key])
+    ax.plot([r[key] for r in budget], [r["time_vs_plain"] for r in budget], "o-", color="C3",
+            label="torchrev budgets (eager)")  # fmt: skip
+    compiled = [r for r in rows if r["mode"] == "compiled"]
+    if compiled:
+        ax.plot([r[key] for r in compiled], [r["time_vs_plain"] for r in compiled], "s--",
+                color="C0", label="compiled activation_memory_budget")  # fmt: skip
+    others = [r for r in rows if r["mode"] == "eager" and not r["method"].startswith("torchrev")]
+    for i, r in enumerate(others):
+        ax.plot(r[key], r["time_vs_plain"], "^", color=f"C{(i + 4) % 10}", label=r["method"])
+    ax.set_xscale("log")
+    what = "peak" if key == "peak_mib" else "saved-for-backward"
+    ax.set_xlabel(f"{what} activation MiB (beyond parameters and gradients)")
+    ax.set_ylabel("step time / plain (same mode, paired)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -341,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
         if part == "decoder":
             for name, (model, step) in lora_methods(args.full, case.inputs).items():
                 steps[name], models[name] = step, model
-        steps |= compiled_methods(case, backend)
+        steps |= compiled_methods(case, backend, models)
         rows += measure(case, steps, models, args)
     shape = "full shapes" if args.full else "REDUCED shapes (--full for the issue's)"
     setup = (

@@ -38,6 +38,7 @@ from .plan import (
     Plan,
     PlanRow,
     choices_of,
+    fallbacks,
     greedy,
     increments,
     resolve_budget,
@@ -182,20 +183,20 @@ def fit(
     everything = [("keep",) * n for n in sizes]
     plain = measure(everything) if isinstance(budget, float) else None
     target = resolve_budget(budget, floor, floor if plain is None else plain)
-    order = increments(costs)
+    order, spare = increments(costs), fallbacks(costs)
     best: tuple[int, list[Increment], int] | None = None  # time saved, taken, peak
     room = target - floor
     if plain is not None and target >= plain:
         room = sum(inc.bytes for inc in order)  # plain autograd fits: keep everything
     for _ in range(CALIBRATIONS):
-        taken = greedy(order, room)
+        taken = greedy(order, room, spare)
         peak = measure(choices_of(sizes, taken)) if taken else floor
         estimate = sum(inc.bytes for inc in taken)
         if peak <= target:
             saved = sum(inc.saved for inc in taken)
             if best is None or saved > best[0]:
                 best = (saved, taken, peak)
-            if len(taken) == len(order) or estimate == 0 or peak - floor >= estimate:
+            if len(taken) >= len(order) or estimate == 0 or peak - floor >= estimate:
                 break  # nothing left to take, or the estimate was not pessimistic
             room = int((target - floor) * estimate / max(peak - floor, 1))  # calibrated
         else:

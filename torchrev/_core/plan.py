@@ -91,8 +91,14 @@ def _slope(a: tuple[int, int, str], b: tuple[int, int, str]) -> float:
     return float("inf") if b[0] <= a[0] else (b[1] - a[1]) / (b[0] - a[0])
 
 
-def greedy(order: Sequence[Increment], room: int) -> list[Increment]:
-    """The increments taken, in order: each that fits, unless its block's previous one did not."""
+def greedy(
+    order: Sequence[Increment], room: int, fallbacks: Sequence[Increment] = ()
+) -> list[Increment]:
+    """The increments taken, in order: each that fits, unless its block's previous one did not.
+
+    Then, in the room left, ``fallbacks`` (options off the hull: checkpointing a block whose
+    keeping did not fit) for blocks still reversed, most time saved per byte first.
+    """
     taken: list[Increment] = []
     used = 0
     blocked: set[tuple[int, int]] = set()
@@ -105,7 +111,24 @@ def greedy(order: Sequence[Increment], room: int) -> list[Increment]:
             used += inc.bytes
         else:
             blocked.add(key)
+    moved = {(inc.stack, inc.index) for inc in taken}
+    for inc in fallbacks:
+        if (inc.stack, inc.index) not in moved and used + inc.bytes <= room:
+            taken.append(inc)
+            used += inc.bytes
+            moved.add((inc.stack, inc.index))
     return taken
+
+
+def fallbacks(costs: Sequence[Sequence[BlockCost]]) -> list[Increment]:
+    """Checkpointing each block straight from reversal, for blocks whose hull skips it."""
+    out = []
+    for s, stack in enumerate(costs):
+        for i, cost in enumerate(stack):
+            b, t = cost.option("checkpoint")
+            if t > 0 and all(inc.choice != "checkpoint" for inc in _hull(s, i, cost)):
+                out.append(Increment(s, i, "checkpoint", b, t))
+    return sorted(out, key=Increment.priority)
 
 
 def choices_of(sizes: Sequence[int], taken: Sequence[Increment]) -> list[tuple[Choice, ...]]:
