@@ -18,11 +18,12 @@ compiled plain (the budget 1.0 row), paired round by round (CPU seconds of this 
 thread: on a shared machine wall-clock rounds measure the other load); flops beside the time.
 
 Memory: the peak of live tensor bytes of one step beyond parameters and gradients
-(:class:`torchrev.bench.LiveTensorBytes`, deterministic). Compiled rows use the
-``aot_eager_decomp_partition`` backend by default: the same min-cut partitioner and memory
-budget as Inductor, with the graph's operators run eagerly, so that the tracker sees every
-allocation (Inductor's own buffers bypass the dispatcher); ``--inductor`` compiles with
-Inductor and reports its time (its memory column is then what the dispatcher saw). On a
+(:class:`torchrev.bench.LiveTensorBytes`, deterministic). torch.compile runs a frame eagerly
+while a dispatch mode is active, so a compiled row's peak is an estimate: eager plain's peak
+with eager plain's saved-for-backward bytes replaced by the compiled graph's (both measured
+with saved-tensor hooks). Compiled rows use the ``aot_eager_decomp_partition`` backend by
+default (the min-cut partitioner and memory budget of Inductor, with operators run eagerly:
+quick to compile on a small CPU); ``--inductor`` compiles with Inductor. On a
 CPU-only machine the host is the device, so ``save_on_cpu`` moves nothing off it: its row is its
 cost (a copy of every saved tensor), shown for completeness.
 
@@ -252,14 +253,23 @@ def measure(case: Case, steps: dict[str, Step], models: dict[str, nn.Module], ar
         trainable = [p for p in model.parameters() if p.requires_grad]
         step()
         compiled = name.startswith("compiled")
-        # Under a dispatch mode torch.compile runs the frame eagerly: no peak for compiled rows.
-        peak = None if compiled else training_step_peak(partial(step, clear=False), trainable)
+        # Under a dispatch mode torch.compile runs the frame eagerly, so a compiled row's peak
+        # is estimated: eager plain's, with its saved-for-backward bytes replaced by the
+        # compiled graph's (saved-tensor hooks see both; the engine refuses foreign hooks, so
+        # reversible rows are not hooked).
         row = {"model": case.name, "method": name, "mode": "compiled" if compiled else "eager",
-               "peak_mib": None if peak is None else peak / MiB, "saved_mib": saved_mib(step),
+               "peak_estimated": compiled,
                "flops": None if compiled else step_flops(step)}  # fmt: skip
+        if name == "plain" or compiled:
+            row["saved_mib"] = saved_mib(step)
+        if compiled:
+            plain = next(r for r in rows if r["method"] == "plain")
+            row["peak_mib"] = plain["peak_mib"] - plain["saved_mib"] + row["saved_mib"]
+        else:
+            row["peak_mib"] = training_step_peak(partial(step, clear=False), trainable) / MiB
         rows.append(row)
-        print(f"{name:<40} peak {row['peak_mib'] or float('nan'):9.2f} MiB, saved "
-              f"{row['saved_mib']:9.2f} MiB", flush=True)  # fmt: skip
+        print(f"{name:<40} peak {row['peak_mib']:9.2f} MiB{' (estimated)' * compiled}",
+              flush=True)  # fmt: skip
     times = interleaved_times(steps, repeats=args.repeats, clock=_clock())
     for row in rows:
         base = "compiled budget 1.0" if row["mode"] == "compiled" else "plain"
@@ -297,28 +307,27 @@ def table(rows: list[dict]) -> str:
         "|---" * 6 + "|",
     ]
     for r in rows:
-        peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.1f}"
+        peak = f"{r['peak_mib']:.1f}{' (est.)' if r['peak_estimated'] else ''}"
+        saved = f"{r['saved_mib']:.1f}" if "saved_mib" in r else "-"
         flops = "-" if r["flops_vs_plain"] is None else f"{r['flops_vs_plain']:.2f}x"
-        lines.append(f"| {r['model']} | {r['method']} | {peak} | {r['saved_mib']:.1f} | "
+        lines.append(f"| {r['model']} | {r['method']} | {peak} | {saved} | "
                      f"{r['time_vs_plain']:.2f}x | {flops} |")  # fmt: skip
     return "\n".join(lines)
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """Per model: peak MiB against time (eager methods), and saved MiB against time (every
-    method, compiled ones included)."""
+    """Per model: peak MiB against step time over plain's (compiled: estimated peak, time over
+    compiled plain's)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     models = list(dict.fromkeys(r["model"] for r in rows))
-    fig, axes = plt.subplots(2, len(models), figsize=(7 * len(models), 10), squeeze=False)
-    for column, model in enumerate(models):
-        mine = [r for r in rows if r["model"] == model]
-        for ax, key in zip(axes[:, column], ("peak_mib", "saved_mib")):
-            _panel(ax, [r for r in mine if r[key] is not None], key)
-            ax.set_title(model, fontsize=9)
+    fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 5.5), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        _panel(ax, [r for r in rows if r["model"] == model], "peak_mib")
+        ax.set_title(model, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -330,13 +339,12 @@ def _panel(ax: Any, rows: list[dict], key: str) -> None:
     compiled = [r for r in rows if r["mode"] == "compiled"]
     if compiled:
         ax.plot([r[key] for r in compiled], [r["time_vs_plain"] for r in compiled], "s--",
-                color="C0", label="compiled activation_memory_budget")  # fmt: skip
+                color="C0", label="compiled activation_memory_budget (peak estimated)")  # fmt: skip
     others = [r for r in rows if r["mode"] == "eager" and not r["method"].startswith("torchrev")]
     for i, r in enumerate(others):
         ax.plot(r[key], r["time_vs_plain"], "^", color=f"C{(i + 4) % 10}", label=r["method"])
     ax.set_xscale("log")
-    what = "peak" if key == "peak_mib" else "saved-for-backward"
-    ax.set_xlabel(f"{what} activation MiB (beyond parameters and gradients)")
+    ax.set_xlabel("peak activation MiB (beyond parameters and gradients)")
     ax.set_ylabel("step time / plain (same mode, paired)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)

@@ -303,3 +303,22 @@ def test_the_command_lines_take_a_budget_in_mib_and_plan_each_shape_once(capsys)
 
 def _step_peak(model, inputs):
     return step(model, inputs, loss=lambda o: o.sum())[0]
+
+
+def test_a_planned_stack_compiles_on_the_eager_gradients():
+    """Plan eagerly, then compile: kept and checkpointed blocks trace, reversed runs are the
+    engine's operator."""
+    stack, plain = coupling_stack(3, width=8, budget=0.5), plain_of(coupling_stack(3, width=8))
+    for s in (stack, plain):
+        for m in s.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = 0.0
+    step(stack, x(width=8))
+    assert set(stack.plan.choices) != {"reverse"}
+    compiled = torch.compile(stack, backend="aot_eager")  # no dispatch mode: it compiles
+    inputs = x(width=8)
+    stack.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    sum(t.sum() for t in compiled(*inputs)).backward()
+    _, reference = step(plain, x(width=8))
+    assert_same([*(p.grad for p in stack.parameters()), *(t.grad for t in inputs)], reference)

@@ -12,10 +12,11 @@ autograd's gradients, bit for bit where the stack reverses exactly.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -51,14 +52,15 @@ def run_plan(
             streams = blocks[start](*streams, **kwargs)
         else:
             block = blocks[start]
-            streams = checkpoint(
-                block,
-                *streams,
-                use_reentrant=False,
-                context_fn=lambda block=block: (nullcontext(), _buffer_copies(block)),
-                **kwargs,
-            )
+            # Traced, the recomputation is the partitioner's, which replays no buffer writes
+            # (and Dynamo takes no context_fn but selective checkpointing's).
+            extra = {} if torch.compiler.is_compiling() else {"context_fn": _copies_of(block)}
+            streams = checkpoint(block, *streams, use_reentrant=False, **extra, **kwargs)
     return tuple(streams)
+
+
+def _copies_of(block: nn.Module) -> Callable[[], tuple[Any, Any]]:
+    return lambda: (nullcontext(), _buffer_copies(block))
 
 
 @contextmanager
