@@ -19,9 +19,10 @@ thread: on a shared machine wall-clock rounds measure the other load); flops bes
 
 Memory: the peak of live tensor bytes of one step beyond parameters and gradients
 (:class:`torchrev.bench.LiveTensorBytes`, deterministic). torch.compile runs a frame eagerly
-while a dispatch mode is active, so a compiled row's peak is an estimate: eager plain's peak
-with eager plain's saved-for-backward bytes replaced by the compiled graph's (both measured
-with saved-tensor hooks). Compiled rows use the ``aot_eager_decomp_partition`` backend by
+while a dispatch mode is active, and saved-tensor hooks did not see the compiled graphs' saved
+tensors either, so compiled rows have step times (over compiled plain's) but no peak on a CPU;
+on CUDA, ``torch.cuda.max_memory_allocated`` would give it. Compiled rows use the
+``aot_eager_decomp_partition`` backend by
 default (the min-cut partitioner and memory budget of Inductor, with operators run eagerly:
 quick to compile on a small CPU); ``--inductor`` compiles with Inductor. On a
 CPU-only machine the host is the device, so ``save_on_cpu`` moves nothing off it: its row is its
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import sys
 import warnings
@@ -253,23 +255,14 @@ def measure(case: Case, steps: dict[str, Step], models: dict[str, nn.Module], ar
         trainable = [p for p in model.parameters() if p.requires_grad]
         step()
         compiled = name.startswith("compiled")
-        # Under a dispatch mode torch.compile runs the frame eagerly, so a compiled row's peak
-        # is estimated: eager plain's, with its saved-for-backward bytes replaced by the
-        # compiled graph's (saved-tensor hooks see both; the engine refuses foreign hooks, so
-        # reversible rows are not hooked).
+        # Under a dispatch mode torch.compile runs the frame eagerly, and saved-tensor hooks
+        # did not see the compiled graphs' saved tensors either: compiled rows have no peak.
         row = {"model": case.name, "method": name, "mode": "compiled" if compiled else "eager",
-               "peak_estimated": compiled,
+               "peak_mib": None if compiled else
+               training_step_peak(partial(step, clear=False), trainable) / MiB,
                "flops": None if compiled else step_flops(step)}  # fmt: skip
-        if name == "plain" or compiled:
-            row["saved_mib"] = saved_mib(step)
-        if compiled:
-            plain = next(r for r in rows if r["method"] == "plain")
-            row["peak_mib"] = plain["peak_mib"] - plain["saved_mib"] + row["saved_mib"]
-        else:
-            row["peak_mib"] = training_step_peak(partial(step, clear=False), trainable) / MiB
         rows.append(row)
-        print(f"{name:<40} peak {row['peak_mib']:9.2f} MiB{' (estimated)' * compiled}",
-              flush=True)  # fmt: skip
+        print(f"{name:<40} peak {row['peak_mib'] or float('nan'):9.2f} MiB", flush=True)
     times = interleaved_times(steps, repeats=args.repeats, clock=_clock())
     for row in rows:
         base = "compiled budget 1.0" if row["mode"] == "compiled" else "plain"
@@ -280,21 +273,6 @@ def measure(case: Case, steps: dict[str, Step], models: dict[str, nn.Module], ar
     return rows
 
 
-def saved_mib(step: Step) -> float:
-    """MiB of distinct storages saved for backward in one step (autograd's saved-tensor hooks,
-    which compiled graphs call too): what a step keeps from its forward for its backward."""
-    saved: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        step()
-    return sum(saved.values()) / MiB
-
-
 def _clock() -> Callable[[], float]:
     import time
 
@@ -303,21 +281,20 @@ def _clock() -> Callable[[], float]:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| model | method | peak MiB | saved MiB | time / plain | flops / plain |",
-        "|---" * 6 + "|",
+        "| model | method | peak MiB | time / plain | flops / plain |",
+        "|---" * 5 + "|",
     ]
     for r in rows:
-        peak = f"{r['peak_mib']:.1f}{' (est.)' if r['peak_estimated'] else ''}"
-        saved = f"{r['saved_mib']:.1f}" if "saved_mib" in r else "-"
+        peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.1f}"
         flops = "-" if r["flops_vs_plain"] is None else f"{r['flops_vs_plain']:.2f}x"
-        lines.append(f"| {r['model']} | {r['method']} | {peak} | {saved} | "
+        lines.append(f"| {r['model']} | {r['method']} | {peak} | "
                      f"{r['time_vs_plain']:.2f}x | {flops} |")  # fmt: skip
     return "\n".join(lines)
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """Per model: peak MiB against step time over plain's (compiled: estimated peak, time over
-    compiled plain's)."""
+    """Per model: peak MiB against step time over plain's, for the eager methods (compiled
+    rows have no measured peak: the table gives their times)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -326,20 +303,16 @@ def plot(rows: list[dict], path: Path) -> None:
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 5.5), squeeze=False)
     for ax, model in zip(axes[0], models):
-        _panel(ax, [r for r in rows if r["model"] == model], "peak_mib")
+        _panel(ax, [r for r in rows if r["model"] == model and r["peak_mib"] is not None])
         ax.set_title(model, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
-def _panel(ax: Any, rows: list[dict], key: str) -> None:
+def _panel(ax: Any, rows: list[dict], key: str = "peak_mib") -> None:
     budget = sorted((r for r in rows if r["method"].startswith("torchrev")), key=lambda r: r[key])
     ax.plot([r[key] for r in budget], [r["time_vs_plain"] for r in budget], "o-", color="C3",
             label="torchrev budgets (eager)")  # fmt: skip
-    compiled = [r for r in rows if r["mode"] == "compiled"]
-    if compiled:
-        ax.plot([r[key] for r in compiled], [r["time_vs_plain"] for r in compiled], "s--",
-                color="C0", label="compiled activation_memory_budget (peak estimated)")  # fmt: skip
     others = [r for r in rows if r["mode"] == "eager" and not r["method"].startswith("torchrev")]
     for i, r in enumerate(others):
         ax.plot(r[key], r["time_vs_plain"], "^", color=f"C{(i + 4) % 10}", label=r["method"])
@@ -359,7 +332,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--inductor", action="store_true", help="compile with Inductor")
     parser.add_argument("--tag", default=None)
+    parser.add_argument("--replot", type=Path, metavar="JSON",
+                        help="rewrite the table and PNG of a results JSON")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.replot:
+        document = json.loads(args.replot.read_text())
+        for row in document["rows"]:
+            if row["mode"] == "compiled":
+                row["peak_mib"] = None  # see the module docstring
+        tag = args.replot.stem
+        write_results(RESULTS, tag, document["setup"], document["rows"], table(document["rows"]))
+        plot(document["rows"], RESULTS / f"{tag}.png")
+        return
     torch.set_num_threads(1)
     retain_freed_memory()
     warnings.filterwarnings("ignore")

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import saved_tensors_hooks
 from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils.checkpoint import checkpoint
 
 from .measure import CountFlops, LiveTensorBytes
 from .plan import (
@@ -121,7 +122,8 @@ def step_peak(
 def measure_blocks(
     stack: ReversibleSequential, streams: Sequence[Tensor], kwargs: dict[str, Any]
 ) -> list[BlockCost]:
-    """Each block's :class:`BlockCost` on the stack's real input, block by block."""
+    """Each block's :class:`BlockCost` on the stack's real input, block by block: one
+    training step of the block alone under each choice, its flops counted."""
     device = streams[0].device
     passes = INVERSE_PASSES[stack._resolved_exact(streams)]
     costs: list[BlockCost] = []
@@ -129,9 +131,8 @@ def measure_blocks(
         kw = detached(kwargs)
         outside = {t.untyped_storage().data_ptr() for t in tree_leaves(kw) if isinstance(t, Tensor)}
         outside |= {t.untyped_storage().data_ptr() for t in (*stack.parameters(), *stack.buffers())}
-        values = [s.detach() for s in streams]
-        for block in stack:
-            inputs = [v.detach().requires_grad_(v.is_floating_point()) for v in values]
+        values = tuple(s.detach() for s in streams)
+        for index, block in enumerate(stack):
             saved: dict[int, int] = {}
 
             def pack(t: Tensor, saved: dict[int, int] = saved) -> Tensor:
@@ -140,8 +141,13 @@ def measure_blocks(
                     saved[storage.data_ptr()] = storage.nbytes()
                 return t
 
-            with torch.enable_grad(), saved_tensors_hooks(pack, _same), CountFlops() as flops:
-                out = block(*inputs, **kw)
+            with saved_tensors_hooks(pack, _same):
+                keep, out = _block_step(lambda x, b=block: b(*x, **kw), values)
+            checkpointed = _block_step(
+                lambda x, b=block: checkpoint(b, *x, use_reentrant=False, **kw), values
+            )[0]
+            run = stack._run(index, index + 1, values)
+            reverse = _block_step(lambda x, r=run: r._reversible(x, kw, inverse=False), values)[0]
             inverse = sum(
                 FLOPS_PER_BYTE * passes * values[target].untyped_storage().nbytes()
                 for target, _ in block.steps
@@ -150,12 +156,26 @@ def measure_blocks(
                 BlockCost(
                     keep_bytes=sum(saved.values()),
                     input_bytes=sum(v.untyped_storage().nbytes() for v in values),
-                    flops=flops.total,
+                    keep_flops=keep,
+                    checkpoint_flops=checkpointed,
+                    reverse_flops=reverse,
                     inverse_flops=inverse,
                 )
             )
-            values = [o.detach() for o in out]
+            values = tuple(o.detach() for o in out)
     return costs
+
+
+def _block_step(
+    run: Callable[[tuple[Tensor, ...]], Sequence[Tensor]], values: tuple[Tensor, ...]
+) -> tuple[int, tuple[Tensor, ...]]:
+    """Flops of ``run``'s forward and backward on fresh leaves holding ``values``, and its
+    outputs."""
+    inputs = tuple(v.detach().requires_grad_(v.is_floating_point()) for v in values)
+    with torch.enable_grad(), CountFlops() as flops:
+        out = tuple(run(inputs))
+        sum(o.sum() for o in out if o.requires_grad).backward()  # type: ignore[union-attr]
+    return flops.total, out
 
 
 def _same(t: Tensor) -> Tensor:

@@ -1,14 +1,16 @@
 r"""A memory plan: per block, keep its activations, keep only its input, or reverse it.
 
-The trade-off is a knapsack. Reversing block :math:`i` keeps nothing and costs one more forward
-of it in backward plus its inverse (:math:`t_i = f_i + v_i`, in flop-equivalents); checkpointing
-keeps its input streams (:math:`b^c_i` bytes) and costs :math:`f_i`; keeping its activations
-(:math:`b^k_i` bytes, what autograd saves) costs nothing. Given room :math:`R` above the
-all-reversed floor, the plan maximises the time saved :math:`\sum_i s_i` subject to
-:math:`\sum_i b_i \le R`. Each block's options form a lower convex hull of (bytes, time saved);
-the hull's increments are taken greedily, most time saved per byte first, which is optimal up to
-the last increment that does not fit (the fractional knapsack's bound). Ties go to the earlier
-stack and block, so the plan is a function of the measured costs alone: deterministic.
+The trade-off is a knapsack. Reversing block :math:`i` keeps nothing and costs one more
+forward of it in backward plus its inverse; checkpointing keeps its input streams
+(:math:`b^c_i` bytes) and costs one more forward; keeping its activations (:math:`b^k_i`
+bytes, what autograd saves) costs nothing more. Each choice's time is the block's counted
+flops, forward and backward, under that choice (plus an estimate of the inverse's elementwise
+passes for reversal). Given room :math:`R` above the all-reversed floor, the plan maximises
+the time saved :math:`\sum_i s_i` subject to :math:`\sum_i b_i \le R`. Each block's options
+form a lower convex hull of (bytes, time saved); the hull's increments are taken greedily,
+most time saved per byte first, which is optimal up to the last increment that does not fit
+(the fractional knapsack's bound). Ties go to the earlier stack and block, so the plan is a
+function of the measured costs alone: deterministic.
 """
 
 from __future__ import annotations
@@ -29,22 +31,26 @@ class BlockCost:
 
     ``keep_bytes``: storages autograd saves when the block runs plainly (its input streams
     included, parameters and keyword-argument tensors not). ``input_bytes``: its input streams,
-    what checkpointing keeps. ``flops``: one forward, what checkpointing and reversal recompute.
-    ``inverse_flops``: the flop-equivalents of the inverse's elementwise passes, what reversal
-    costs beyond checkpointing.
+    what checkpointing keeps. ``keep_flops``, ``checkpoint_flops``, ``reverse_flops``: counted
+    flops of the block's forward and backward under each choice (matrix products and
+    attention). ``inverse_flops``: flop-equivalents of the inverse's elementwise passes, which
+    the counter does not see and only reversal pays.
     """
 
     keep_bytes: int
     input_bytes: int
-    flops: int
+    keep_flops: int
+    checkpoint_flops: int
+    reverse_flops: int
     inverse_flops: int
 
     def option(self, choice: Choice) -> tuple[int, int]:
         """``(bytes kept, time saved against reversal)`` of ``choice``."""
+        reverse = self.reverse_flops + self.inverse_flops
         if choice == "keep":
-            return self.keep_bytes, self.flops + self.inverse_flops
+            return self.keep_bytes, max(reverse - self.keep_flops, 0)
         if choice == "checkpoint":
-            return self.input_bytes, self.inverse_flops
+            return self.input_bytes, max(reverse - self.checkpoint_flops, 0)
         return 0, 0
 
 
