@@ -33,6 +33,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .measure import CountFlops, LiveTensorBytes
 from .plan import (
+    CHOICES,
     BlockCost,
     Choice,
     Increment,
@@ -59,8 +60,10 @@ INVERSE_PASSES: dict[object, int] = {False: 3, True: 9, "compact": 12}
 
 #: Added to every measured peak (floor and plain included): see NOTE [verified peak].
 HEADROOM = 0.01
-#: Plans measured at most while the estimate is calibrated against measured peaks.
+#: Plans measured at most while the estimate is calibrated against measured peaks, and
+#: upgrades tried on measured peaks after it.
 CALIBRATIONS = 4
+GROWTH = 4
 
 Measure = Callable[[Sequence[tuple[Choice, ...]]], int]
 
@@ -224,6 +227,7 @@ def fit(
             break
     assert best is not None  # the floor fits: resolve_budget checked it
     _, taken, peak = best
+    taken, peak = _grown(taken, peak, target, [*order, *spare], sizes, measure)
     choices = choices_of(sizes, taken)
     if plain is None and all(ch == "keep" for stack in choices for ch in stack):
         plain = peak  # the plan is plain autograd: its peak is measured
@@ -234,6 +238,33 @@ def fit(
     )
     estimated = floor + sum(c.keep_bytes for stack in costs for c in stack)
     return Plan(rows, target, floor, estimated if plain is None else plain, peak)
+
+
+def _grown(
+    taken: list[Increment],
+    peak: int,
+    target: int,
+    candidates: Sequence[Increment],
+    sizes: Sequence[int],
+    measure: Measure,
+) -> tuple[list[Increment], int]:
+    """Try the next upgrades one at a time on measured peaks (at most :data:`GROWTH` more
+    measurements), keeping each that fits: the estimate errs per choice (kept blocks share
+    their input with their neighbours, checkpointed ones do not), which calibration by one
+    factor cannot fix."""
+    tries = 0
+    for inc in candidates:
+        if tries == GROWTH:
+            break
+        current = choices_of(sizes, taken)[inc.stack][inc.index]
+        if CHOICES.index(inc.choice) >= CHOICES.index(current):
+            continue  # not an upgrade of this block's current choice
+        tries += 1
+        attempt = [*taken, inc]
+        measured = measure(choices_of(sizes, attempt))
+        if measured <= target:
+            taken, peak = attempt, measured
+    return taken, peak
 
 
 def _backed_off(
