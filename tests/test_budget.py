@@ -61,7 +61,7 @@ def plain_of(stack):
     return stack
 
 
-@pytest.mark.parametrize("budget", [0.0, 0.2, 0.5, 0.8, 1.0])
+@pytest.mark.parametrize("budget", [0.0, 0.4, 1.0])
 def test_a_stack_keeps_under_its_budget_with_plain_gradients(budget):
     stack = coupling_stack(budget=budget)
     step(stack, x())  # plans on this shape
