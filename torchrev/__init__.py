@@ -12,6 +12,9 @@ from ._core.checks import check_reversibility as check_reversibility
 from ._core.coupling import AbstractCoupling as AbstractCoupling
 from ._core.errors import ReversibilityError as ReversibilityError
 from ._core.errors import ReversibilityWarning as ReversibilityWarning
+from ._core.fit import fit_memory as fit_memory
+from ._core.fit import set_memory_budget as set_memory_budget
+from ._core.plan import Plan as Plan
 from ._core.sequence import ReversibleSequential as ReversibleSequential
 from ._core.sharding import fully_shard_stack as fully_shard_stack
 from ._core.streams import Concat as Concat

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -12,9 +14,12 @@ from torch.utils.checkpoint import checkpoint
 
 from . import opaque
 from .block import AbstractReversibleBlock, check_steps
+from .budget import plan_stack
 from .exact import Exact, check_setting, resolve
 from .function import reversible_forward
 from .inverse import Inverted
+from .plan import Choice, Plan
+from .planned import run_plan
 
 
 class ReversibleSequential(nn.ModuleList):
@@ -67,6 +72,15 @@ class ReversibleSequential(nn.ModuleList):
     ``checkpoint_blocks=True`` (with ``reversible=False``) runs each block under
     ``torch.utils.checkpoint`` instead, the usual alternative, for comparison.
 
+    ``memory_budget`` trades memory back for time: bytes of activations and temporaries the
+    training step may keep beyond parameters and gradients (an int), or a fraction of the way
+    from the all-reversed floor to plain autograd's peak (a float in [0, 1]). On the first
+    training call of each input shape the stack measures its blocks and chooses, per block, to
+    keep its activations (plain autograd), keep only its input (checkpointing) or reverse it,
+    most time saved per byte first, and checks the plan's measured peak against the budget
+    (:mod:`torchrev._core.budget`). ``stack.plan`` shows the choice; gradients are those of the
+    all-reversed stack. :func:`torchrev.fit_memory` shares one budget across a model's stacks.
+
     Contract for branches (``f`` and ``g``): they depend only on their inputs, the keyword
     arguments, and their own parameters and buffers, and give the same output when rerun under
     the same RNG and autocast state. :func:`torchrev.check_reversibility` tests a stack on it.
@@ -81,6 +95,7 @@ class ReversibleSequential(nn.ModuleList):
         exact: Exact = "auto",
         overlap: bool = False,
         check_recompute: bool = True,
+        memory_budget: int | float | None = None,
     ) -> None:
         super().__init__(blocks)
         _check_blocks(blocks)
@@ -90,6 +105,31 @@ class ReversibleSequential(nn.ModuleList):
         self.checkpoint_blocks = checkpoint_blocks
         self.verify = verify
         self.exact = exact
+        self.memory_budget = memory_budget
+        self._forced: tuple[Choice, ...] | None = None  # while a plan is measured
+        self._runs: dict[tuple[int, int, Any], ReversibleSequential] = {}
+
+    @property
+    def memory_budget(self) -> int | float | None:
+        """Bytes (int) or a fraction (float) of activation memory, or None: see the class
+        docstring. Setting it drops the current plan."""
+        return self._memory_budget
+
+    @memory_budget.setter
+    def memory_budget(self, value: int | float | None) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise TypeError(
+                f"memory_budget must be bytes (int), a fraction (float) or None, got {value!r}"
+            )
+        self._memory_budget = value
+        self._plans: dict[tuple[Any, ...], Plan] = {}  # by shape_key
+        self._plan: Plan | None = None
+
+    @property
+    def plan(self) -> Plan | None:
+        """The plan of the last planned training call (``print(stack.plan)`` shows the table),
+        or None before the first one. Plans are kept per input shape."""
+        return self._plan
 
     @property
     def exact(self) -> Exact:
@@ -110,6 +150,7 @@ class ReversibleSequential(nn.ModuleList):
                 exact=self.exact,
                 overlap=self.overlap,
                 check_recompute=self.check_recompute,
+                memory_budget=self.memory_budget,
             )
         return super().__getitem__(index)
 
@@ -120,6 +161,9 @@ class ReversibleSequential(nn.ModuleList):
             blocks[0].check_streams(streams, "ReversibleSequential.forward")
         training = self.training and self._needs_grad(streams, kwargs)
         if self.reversible and training:
+            choices = self._choices(streams, kwargs)
+            if choices is not None and any(c != "reverse" for c in choices):
+                return run_plan(self, choices, streams, kwargs)
             return self._reversible(streams, kwargs, inverse=False)
         for block in blocks:
             if self.checkpoint_blocks and training:
@@ -170,6 +214,66 @@ class ReversibleSequential(nn.ModuleList):
             check=self.check_recompute,
         )
 
+    def _resolved_exact(self, streams: Sequence[Tensor]) -> Any:
+        return resolve(self.exact, list(self), streams)
+
+    def _run(self, start: int, stop: int, streams: Sequence[Tensor]) -> ReversibleSequential:
+        """Blocks ``start:stop`` as a stack of their own (not a submodule), with this stack's
+        resolved exactness: what a plan runs through the engine in one call."""
+        exact = self._resolved_exact(streams)
+        run = self._runs.get((start, stop, exact))
+        if run is None or run.verify != self.verify or run.overlap != self.overlap:
+            blocks = list(self)[start:stop]
+            run = ReversibleSequential(
+                *blocks, verify=self.verify, exact=exact, overlap=self.overlap
+            )
+            self._runs[(start, stop, exact)] = run
+        run.check_recompute = self.check_recompute
+        return run
+
+    def _set_plan(self, plan: Plan, key: tuple[Any, ...]) -> None:
+        """Use ``plan`` for calls whose tensors have ``key``'s shapes (NOTE in fit.py)."""
+        self._plans[key] = self._plan = plan
+
+    @contextmanager
+    def _forced_choices(self, choices: tuple[Choice, ...] | None) -> Iterator[None]:
+        """Run under ``choices`` (None: every block reversed) while a plan is measured."""
+        previous, self._forced = self._forced, choices or ("reverse",) * len(self)
+        try:
+            yield
+        finally:
+            self._forced = previous
+
+    def _choices(
+        self, streams: tuple[Tensor, ...], kwargs: dict[str, Any]
+    ) -> tuple[Choice, ...] | None:
+        """The plan's choices for this call's shapes, planning first where needed."""
+        if self._forced is not None:
+            return self._forced
+        if not self._plans and self.memory_budget is None:
+            return None
+        key = shape_key(streams, kwargs)
+        plan = self._plans.get(key)
+        if plan is not None:
+            self._plan = plan
+            return plan.choices
+        if self.memory_budget is None:  # planned by fit_memory, for other shapes
+            warnings.warn(
+                "torchrev: this stack's memory plans were made for other input shapes; calls "
+                "of these shapes run fully reversed (the floor) until torchrev.fit_memory is "
+                "called with example inputs of these shapes too.",
+                stacklevel=3,
+            )
+            return None
+        if torch.compiler.is_compiling():
+            raise RuntimeError(
+                "torchrev: a stack with a memory budget plans on its first training call of each "
+                "input shape, which cannot run while torch.compile traces. Run one eager "
+                "training step on these shapes (or torchrev.fit_memory) before compiling."
+            )
+        self._set_plan(plan_stack(self, streams, kwargs, self.memory_budget), key)
+        return self._plans[key].choices
+
     def _needs_grad(self, streams: tuple[Tensor, ...], kwargs: dict[str, Any]) -> bool:
         if not torch.is_grad_enabled():
             return False
@@ -181,8 +285,14 @@ class ReversibleSequential(nn.ModuleList):
     def extra_repr(self) -> str:
         return (
             f"reversible={self.reversible}, exact={self.exact!r}, overlap={self.overlap}, "
-            f"checkpoint_blocks={self.checkpoint_blocks}"
+            f"checkpoint_blocks={self.checkpoint_blocks}, memory_budget={self.memory_budget}"
         )
+
+
+def shape_key(streams: Sequence[Tensor], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    """What a plan depends on: the shapes, dtypes and devices of the call's tensors."""
+    tensors = [*streams, *(v for v in tree_leaves(kwargs) if isinstance(v, Tensor))]
+    return tuple((tuple(t.shape), t.dtype, t.device) for t in tensors)
 
 
 def _check_blocks(blocks: Any) -> None:

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..bench.memory import MiB, training_step_peak
 from ..data import make_sentiment
+from .budget import Budget, add_budget_argument
 from .errors import CliError
 from .finetune_decoder import add_decoder_arguments, run_decoder
 from .options import HelpFormatter, add_out, positive_int
@@ -53,6 +54,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0)
     add_out(parser, "runs/finetune")
     add_decoder_arguments(parser)
+    add_budget_argument(parser)
     parser.set_defaults(run=run, interrupted="the methods that finished are saved in --out")
 
 
@@ -176,6 +178,7 @@ def fit(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr or LEARNING_RATES[method])
     model.train()
+    budget = Budget(model, getattr(args, "memory_budget", None))
     for epoch in range(args.epochs):
         began, losses = time.perf_counter(), []
         order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch)).tolist()
@@ -184,7 +187,9 @@ def fit(
                    disable=None)  # fmt: skip
         for i in bar:
             index = order[i : i + args.batch_size]
-            loss = model(**batch(index)).loss
+            inputs = batch(index)
+            budget(inputs)  # plans each new shape once (--memory-budget)
+            loss = model(**inputs).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -39,6 +39,13 @@ def add_decoder_arguments(parser: argparse.ArgumentParser) -> None:
         f"next-token task",
     )
     parser.add_argument("--seq-len", type=positive_int, default=32, help="with --decoder")
+    parser.add_argument(
+        "--full-logits", action="store_true",
+        help="with --decoder: the training loss from the whole logits tensor (transformers' own "
+        "head) instead of chunks of 1024 tokens recomputed in backward "
+        "(torchrev.convert.chunked_lm_loss, the default: the same loss and gradients to "
+        "rounding, without the tokens x vocabulary logits in memory)",
+    )  # fmt: skip
 
 
 def random_decoder(
@@ -135,6 +142,7 @@ def run_decoder(args: argparse.Namespace) -> int:
     and what each method trained (as the MiniLM path does)."""
     import transformers
 
+    from ..convert.lm_loss import chunked_lm_loss
     from . import finetune
     from .outdir import choose_out
 
@@ -150,7 +158,10 @@ def run_decoder(args: argparse.Namespace) -> int:
     rows = []
     for method in args.methods:
         torch.manual_seed(args.seed)
-        model = prepare(load_decoder(args.decoder, length), method, args.variant)
+        model = load_decoder(args.decoder, length)
+        if not args.full_logits:  # before LoRA wraps it; every method gets the same head
+            chunked_lm_loss(model)
+        model = prepare(model, method, args.variant)
         began = time.perf_counter()
         batch = lambda index: {"input_ids": train[index], "labels": train[index]}  # noqa: E731
         finetune.fit(model, method, batch, len(train), args, LEARNING_RATES[method])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from torch import nn
 
 from ..models import list_models, model_info
 from . import checkpoint, distributed, settings
+from .budget import Budget, add_budget_argument
 from .checkpoint import BEST, BEST_SHARDED, LAST, LAST_SHARDED, Checkpoint
 from .distributed import STRATEGIES, Processes, unwrap
 from .errors import CliError, Interrupted
@@ -110,6 +112,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="under torchrun: DistributedDataParallel or FSDP2 (sharded parameters, optimizer "
         "state and checkpoints) (default: ddp under torchrun)",
     )  # fmt: skip
+    add_budget_argument(parser)
     parser.set_defaults(run=run, interrupted="no epoch had finished")
 
 
@@ -177,6 +180,7 @@ def _run(
         f"{config.epochs}, output in {out}",
         flush=True,
     )
+    _plan_memory(args, model, data, config, device, processes, say)
     fit = _Fit(model, optimizer, data, config, device, out, log, document, processes)
     if args.compile:  # the training steps only: evaluation and checkpoints use the module
         fit.step_model = torch.compile(model, backend=args.compile)
@@ -339,6 +343,28 @@ def _memory(
         f"plain autograd {plain:.2f} MiB ({plain / reversible:.1f}x)"
     )
     return {"peak_mib_reversible": reversible, "peak_mib_plain": plain}
+
+
+def _plan_memory(
+    args: argparse.Namespace,
+    model: nn.Module,
+    data: TaskData,
+    config: RunConfig,
+    device: torch.device,
+    processes: Processes,
+    say: Callable[..., None],
+) -> None:
+    """``--memory-budget``: plan the full batches' shape and the last one's."""
+    if args.memory_budget is None:
+        return
+    if processes.world > 1:
+        raise CliError("--memory-budget under torchrun is not supported yet; train without it")
+    budget = Budget(model, args.memory_budget)
+    loss_fn = loss_function(data.task, config.label_smoothing)
+    n = len(data.y_train)
+    for size in sorted({min(config.batch_size, n), n % config.batch_size or n}, reverse=True):
+        x, y = data.x_train[:size].to(device), data.y_train[:size].to(device)
+        budget((x,), lambda out, y=y: loss_fn(out, y), say)
 
 
 def _interrupted(out: Path, done: int) -> str:

@@ -6,6 +6,8 @@ from .branches import Call as Call
 from .branches import Sublayer as Sublayer
 from .families import FAMILIES as FAMILIES
 from .families import LayerFamily as LayerFamily
+from .lm_loss import chunked_cross_entropy as chunked_cross_entropy
+from .lm_loss import chunked_lm_loss as chunked_lm_loss
 from .meft import meft as meft
 from .meft import meft_stage as meft_stage
 from .report import ConversionReport as ConversionReport

@@ -63,11 +63,13 @@ class MeftStage(nn.Module):
         reversible_layers: int | None,
         exact: Exact,
         call: LayerCall,
+        memory_budget: int | float | None = None,
     ) -> None:
         super().__init__()
         self.couplings = nn.ModuleList(couplings)
         self.call = call
         self._exact = exact
+        self._memory_budget = memory_budget
         self.set_reversible_layers(
             len(couplings) if reversible_layers is None else reversible_layers
         )
@@ -76,6 +78,10 @@ class MeftStage(nn.Module):
     def stack(self) -> ReversibleSequential:
         """The reversible stack of the top layers (for :func:`torchrev.check_reversibility`)."""
         return self.stacks[1]
+
+    def reversible_stacks(self) -> dict[str, ReversibleSequential]:
+        """The stacks kept out of the module tree, for :func:`torchrev.fit_memory`."""
+        return {"stack": self.stack}
 
     @property
     def exact(self) -> Exact:
@@ -95,7 +101,9 @@ class MeftStage(nn.Module):
         # Kept out of the module tree: the couplings are registered once, in self.couplings.
         self.__dict__["stacks"] = (
             ReversibleSequential(*blocks[: n - count], reversible=False),
-            ReversibleSequential(*blocks[n - count :], exact=self._exact),
+            ReversibleSequential(
+                *blocks[n - count :], exact=self._exact, memory_budget=self._memory_budget
+            ),
         )
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
@@ -119,6 +127,7 @@ def meft(
     adapter_std: float = 0.02,
     trainable: tuple[str, ...] = HEADS,
     spec: LayerFamily | None = None,
+    memory_budget: int | float | None = None,
 ) -> nn.Module:
     """Make a pretrained transformer reversible for MEFT fine-tuning, in place.
 
@@ -140,7 +149,9 @@ def meft(
     peak for one more attention forward per layer, about 10% more time). On a Llama-shaped
     decoder of 24 layers (sequence 1024) the layers need 1.74x less activation memory than
     LoRA with gradient checkpointing for 1.19x its step time with it, 1.52x less for 1.08x
-    without it (``benchmarks/convert.py``).
+    without it (``benchmarks/convert.py``). ``memory_budget`` is the layer stack's (see
+    :class:`torchrev.ReversibleSequential`): bytes or a fraction of the way from all layers
+    reversed to all kept; :func:`torchrev.fit_memory` budgets the whole step instead.
     """
     if variant not in VARIANTS:
         raise ValueError(f"MEFT variant must be 1, 2 or 3, got {variant!r}.")
@@ -156,7 +167,8 @@ def meft(
         if swapped and index % 2:
             coupling.steps = SWAPPED  # this layer's F updates the stream the last one's G did
         couplings.append(coupling)
-    stage = MeftStage(couplings, reversible_layers, exact, LayerCall(layers[0], family.inputs))
+    call = LayerCall(layers[0], family.inputs)
+    stage = MeftStage(couplings, reversible_layers, exact, call, memory_budget)
     reference = next(layers[0].parameters())
     stage.to(device=reference.device, dtype=reference.dtype)  # the new adapters, like the rest
     stage.train(layers[0].training)  # new modules (adapters, dropout) in the model's mode

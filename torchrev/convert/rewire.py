@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .._core.exact import Exact
+from .._core.fit import set_memory_budget
 from .._core.sequence import ReversibleSequential
 from .._core.streams import Mean
 from ..couplings.additive import AdditiveCoupling
@@ -73,6 +74,7 @@ def rewire(
     *,
     exact: Exact = "auto",
     trainable: tuple[str, ...] | None = None,
+    memory_budget: int | float | None = None,
 ) -> nn.Module:
     """Rewire ``model``'s residual stages into reversible ones, in place; returns ``model``.
 
@@ -87,6 +89,9 @@ def rewire(
     float32 ones in floating point, exact to rounding for additive couplings). Every parameter
     stays trainable (Re2TAL fine-tunes the whole network) unless ``trainable`` names the
     modules that train, freezing the rest (LoRA added afterwards by peft trains too).
+    ``memory_budget`` is every rewired stack's (see :class:`torchrev.ReversibleSequential`; a
+    fraction, or bytes where there is one stack); :func:`torchrev.fit_memory` shares bytes
+    across the stacks of the whole model instead.
     """
     if converted(model):
         raise ValueError("this model is already converted; call torchrev.undo(model) first.")
@@ -106,6 +111,7 @@ def rewire(
         )
     if trainable is not None:
         freeze(model, trainable)
+    set_memory_budget(model, memory_budget)
     remember(
         model,
         {

@@ -9,6 +9,8 @@ from typing import Any, Literal
 
 from torch import nn
 
+from .._core.fit import set_memory_budget
+
 Task = Literal["classification", "segmentation"]
 
 
@@ -71,15 +73,21 @@ def model_info(name: str) -> ModelInfo:
         ) from None
 
 
-def create_model(name: str, *, exact: Any = "auto", **kwargs: Any) -> nn.Module:
+def create_model(
+    name: str, *, exact: Any = "auto", memory_budget: int | float | None = None, **kwargs: Any
+) -> nn.Module:
     """Build the registered model ``name``; keyword arguments override its defaults.
 
     Every model takes ``reversible: bool = True``: ``reversible=False`` computes the same
     function with the same parameters through plain autograd. ``exact`` sets every reversible
     stack's exact-reversal mode (``True``, ``False`` or ``"auto"``, see
-    :class:`torchrev.ReversibleSequential`).
+    :class:`torchrev.ReversibleSequential`). ``memory_budget`` is every stack's (a fraction
+    of the way from all blocks reversed to all kept, or bytes for a one-stack model);
+    :func:`torchrev.fit_memory` shares bytes across a model's stacks instead.
     """
     model = model_info(name).factory(**kwargs)
     if exact != "auto":
         model.exact = exact  # type: ignore[attr-defined]
+    if memory_budget is not None:
+        set_memory_budget(model, memory_budget)
     return model
