@@ -17,20 +17,15 @@ import torch
 from torch import nn
 
 from ..models import model_info
-from .checkpoint import Checkpoint, CheckpointError
+from . import document
+from .checkpoint import Checkpoint
+from .config import RunConfig
 from .errors import CliError, first_line
-from .loop import RunConfig
 from .recipes import recipe
 from .tasks import MODEL_KWARGS
 
 #: Options a resumed run takes from its checkpoint (only --epochs may change).
 FIXED_ON_RESUME = ("model", "model_kwargs", "batch_size", "lr", "weight_decay", "seed")
-_TYPES: dict[str, type | tuple[type, ...]] = {
-    "str": str,
-    "int": int,
-    "float": (int, float),
-    "dict[str, Any]": dict,
-}
 
 
 def run_config(args: argparse.Namespace, resumed: Checkpoint | None) -> RunConfig:
@@ -52,7 +47,7 @@ def run_config(args: argparse.Namespace, resumed: Checkpoint | None) -> RunConfi
                 "seed": 0 if args.seed is None else args.seed,
             }
         )
-    saved = _saved_config(resumed)
+    saved = document.config(resumed.document)  # validated when the checkpoint was read
     for key in FIXED_ON_RESUME:
         value, kept = getattr(args, key), getattr(saved, key)
         if key == "model_kwargs":
@@ -64,28 +59,6 @@ def run_config(args: argparse.Namespace, resumed: Checkpoint | None) -> RunConfi
                 f"--resume continues a run with its own settings: drop {option}"
             )
     return RunConfig(**{**asdict(saved), "epochs": args.epochs or saved.epochs})
-
-
-def _saved_config(resumed: Checkpoint) -> RunConfig:
-    try:
-        saved = RunConfig(**resumed.document["config"])
-    except (KeyError, TypeError):
-        raise CheckpointError(
-            f"{resumed.path}: its torchrev metadata lacks the run's settings (config); it was "
-            f"damaged: use another checkpoint"
-        ) from None
-    wrong = [
-        f.name
-        for f in fields(RunConfig)
-        if not isinstance(getattr(saved, f.name), _TYPES[str(f.type)])
-        or isinstance(getattr(saved, f.name), bool)
-    ]
-    if wrong or saved.epochs < 1 or saved.batch_size < 1:
-        raise CheckpointError(
-            f"{resumed.path}: its run settings are damaged ({', '.join(wrong) or 'epochs'}); "
-            f"use another checkpoint"
-        )
-    return saved
 
 
 def as_json(kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -14,12 +14,26 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..data import load_digits, make_shapes3d
+from ..data import digits, load_digits, make_shapes3d
+from .inputs import InputSpec
 
 #: Keyword arguments that fit a registered model to each task's data.
 MODEL_KWARGS: dict[str, dict[str, Any]] = {
     "classification": {"in_chans": 1, "num_classes": 10, "image_size": 8},
     "segmentation": {"in_chans": 1, "num_classes": 3, "volume": 16},
+}
+
+#: How each task's data set gives its examples, and what the models are trained on.
+INPUTS: dict[str, InputSpec] = {
+    "classification": InputSpec(
+        "sklearn.datasets.load_digits().images: (N, 8, 8), values 0..16",
+        digits.SCALE,
+        digits.SHIFT,
+        add_channel=True,
+    ),
+    "segmentation": InputSpec(
+        "torchrev.data.make_shapes3d(...)[0]: (N, 1, D, H, W)", 1.0, 0.0, add_channel=False
+    ),
 }
 
 

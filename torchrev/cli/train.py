@@ -37,7 +37,7 @@ from .options import (
 )
 from .outdir import choose_out
 from .recipes import recipes_help
-from .tasks import TaskData, evaluate, load_task, loss_function
+from .tasks import INPUTS, TaskData, evaluate, load_task, loss_function
 
 SUMMARY = "metrics.json"
 PRODUCES = (
@@ -132,7 +132,10 @@ def run(args: argparse.Namespace) -> int:
         )
     folder = settings.resume_out(args, resumed, config.epochs) if resumed else None
     torch.manual_seed(config.seed)
-    model = settings.build(config.model, config.model_kwargs)  # bad --model-kwargs fail here
+    if resumed:  # the model its checkpoint describes (a damaged one fails here)
+        model = checkpoint.build_model(resumed.document, resumed.path)
+    else:
+        model = settings.build(config.model, config.model_kwargs)  # bad --model-kwargs fail here
     processes, device = distributed.setup(strategy, device)
     try:
         return _run(args, config, model, resumed, folder, processes, device)
@@ -168,8 +171,8 @@ def _run(
     data = load_task(model_info(config.model).task)
     title = f"{config.model} on {data.name}"
     log = RunLog(out, title, data.metric, args.tensorboard) if processes.main else None
-    document = {"model": config.model, "model_kwargs": config.model_kwargs,
-                "config": asdict(config), "strategy": processes.strategy}  # fmt: skip
+    document = {"config": asdict(config), "strategy": processes.strategy,
+                "input": asdict(INPUTS[data.task])}  # fmt: skip
     shards = f", {processes.world} processes ({processes.strategy})" if processes.world > 1 else ""
     say(
         f"training {title} ({len(data.y_train)} train, {len(data.y_val)} validation, "
@@ -300,7 +303,7 @@ def _report(
     if not processes.main:
         return {}
     best_path = out / (BEST_SHARDED if processes.sharded else BEST)
-    best_model = checkpoint.load_checkpoint(best_path, device)
+    best_model = checkpoint.load_model(best_path, device)
     best = evaluate(best_model, data, data.x_test, data.y_test, 64, device)
     metric, best_epoch = data.metric, state["best"]["epoch"]
     print(
