@@ -46,7 +46,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--depths", type=positive_int, nargs="+", default=[2, 4, 8],
         help="model depths (blocks per stage, transformer blocks or RevCol columns)",
     )  # fmt: skip
-    parser.add_argument("--batches", type=positive_int, nargs="+", default=[2, 8])
+    parser.add_argument(
+        "--batches", type=positive_int, nargs="+", default=[2, 8],
+        help="batch sizes (the model's example inputs)",
+    )  # fmt: skip
     parser.add_argument("--full", action="store_true", help="full-size model (default: small)")
     parser.add_argument("--repeats", type=positive_int, default=3, help="timing rounds")
     parser.add_argument(

@@ -78,7 +78,8 @@ def build(name: str, kwargs: dict[str, Any]) -> nn.Module:
         return create_model(name, **kwargs)
     except (TypeError, ValueError, RuntimeError) as error:
         raise CliError(
-            f"cannot build {name} with {kwargs}: {first_line(error)}; fix --model-kwargs"
+            f"cannot build {name} with {kwargs}: {first_line(error)}; fix --model-kwargs "
+            f"(`torchrev models {name}` lists what it takes)"
         ) from None
 
 
@@ -93,6 +94,11 @@ def resume_out(args: argparse.Namespace, resumed: Checkpoint, epochs: int) -> Pa
     folder, done = run_folder(resumed), resumed.document["epoch"]
     if args.out is not None and args.out.resolve() != folder.resolve():
         raise CliError(f"--resume continues the run in {folder}; drop --out {args.out}")
+    if args.epochs is not None and args.epochs <= done:
+        raise CliError(
+            f"--epochs {args.epochs}: the run in {folder} has trained {done} epochs already; "
+            f"pass --epochs N with N > {done} to train it further"
+        )
     if done >= epochs:
         raise CliError(
             f"the run in {folder} is finished ({done} of {epochs} epochs); pass --epochs N "

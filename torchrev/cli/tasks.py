@@ -165,13 +165,24 @@ class Scorer:
 
 
 def evaluate(
-    model: nn.Module, data: TaskData, x: Tensor, y: Tensor, batch_size: int, device: torch.device
+    model: nn.Module,
+    data: TaskData,
+    x: Tensor,
+    y: Tensor,
+    batch_size: int,
+    device: torch.device,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> dict[str, float]:
-    """Scores of ``model`` on ``(x, y)`` in eval mode, batch by batch."""
+    """Scores of ``model`` on ``(x, y)`` in eval mode, batch by batch (and the mean loss
+    under ``loss_fn``, weighted by batch size, if given)."""
     model.eval()
-    scorer = data.scorer()
+    scorer, total = data.scorer(), 0.0
     with torch.no_grad():
         for i in range(0, len(x), batch_size):
-            scorer.update(model(x[i : i + batch_size].to(device)).cpu(), y[i : i + batch_size])
+            logits = model(x[i : i + batch_size].to(device)).cpu()
+            scorer.update(logits, y[i : i + batch_size])
+            if loss_fn is not None:
+                total += loss_fn(logits, y[i : i + batch_size]).item() * len(logits)
     model.train()
-    return scorer.result()
+    scores = scorer.result()
+    return scores if loss_fn is None else {"loss": total / len(x), **scores}
