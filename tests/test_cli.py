@@ -127,9 +127,25 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, monkeypatch, caps
 def test_interrupt_in_the_first_epoch_says_nothing_was_kept(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(train, "train_epoch", lambda *a, **k: (_ for _ in ()).throw(
         KeyboardInterrupt))  # fmt: skip
-    assert main(["train", *TINY, "--out", str(tmp_path)]) == 130
+    assert main(["train", *TINY, "--out", str(tmp_path)]) == 130  # a folder that existed
     err = one_line_error(capsys, "nothing to resume")
     assert "<out>" not in err and "--resume" not in err
+    assert tmp_path.is_dir() and not list(tmp_path.iterdir())
+    assert main(["train", *TINY, "--out", str(tmp_path / "new")]) == 130  # made by the run
+    one_line_error(capsys, "nothing was kept", "removed")
+    assert not (tmp_path / "new").exists()
+
+
+def test_tensorboard_missing_is_one_line_and_makes_no_folder(tmp_path, capsys):
+    try:  # tensorboard is not a test dependency: its absence is what this checks
+        import tensorboard  # noqa: F401
+
+        pytest.skip("tensorboard is installed")
+    except ImportError:
+        pass
+    assert main(["train", *TINY, "--tensorboard", "--out", str(tmp_path / "o")]) == 2
+    one_line_error(capsys, "pip install tensorboard")
+    assert not (tmp_path / "o").exists()
 
 
 def test_compiled_training_reports_what_eager_training_does(tiny_run, tmp_path, capsys):
@@ -248,13 +264,16 @@ def _damage(run, damage, tmp_path):
         ("unknown_model", ["model 'revnet39'", "another checkpoint"]),
         ("other_model", ["--model", "drop --model"]),
         ("finished", ["is finished", "--epochs"]),
+        ("epochs_below", ["--epochs 1: the run", "trained 1 epochs already", "N > 1"]),
     ],
 )
 def test_bad_resume_files_are_refused_in_one_line(tiny_run, tmp_path, capsys, damage, words):
-    target = tiny_run if damage in ("other_model", "finished") else _damage(
+    target = tiny_run if damage in ("other_model", "finished", "epochs_below") else _damage(
         tiny_run, damage, tmp_path)  # fmt: skip
     before = {p: p.read_bytes() for p in tiny_run.iterdir() if p.is_file()}
-    extra = ["--model", "revvit_tiny"] if damage == "other_model" else []
+    extra = {"other_model": ["--model", "revvit_tiny"], "epochs_below": ["--epochs", "1"]}.get(
+        damage, []
+    )
     assert main(["train", "--resume", str(target), *extra]) == 2
     err = one_line_error(capsys, *words)
     assert len(err) < 400

@@ -79,15 +79,17 @@ def plot_curves(history: list[dict[str, Any]], metric: str, title: str, path: Pa
     finish(fig, title, path)
 
 
-def finish(fig: Any, title: str, path: Path, legend_size: float | None = None) -> None:
-    """Legends, a light grid and whole-number x ticks on every panel; the title; saved."""
+def finish(fig: Any, title: str, path: Path, legend: bool = True, bottom: float = 0.0) -> None:
+    """Legends (unless the figure has its own, in the ``bottom`` fraction kept free), a light
+    grid and whole-number x ticks on every panel; the title; saved."""
     import matplotlib.pyplot as plt
 
     for ax in fig.axes:
-        ax.legend(fontsize=legend_size)
+        if legend:
+            ax.legend()
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, bottom, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -36,7 +36,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+        if any(action.default is v for v in (None, False, argparse.SUPPRESS)) or "default" in text:
             return text
         if not action.option_strings:
             return text

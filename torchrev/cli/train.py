@@ -166,10 +166,12 @@ def _run(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
     state: dict[str, Any] = {"epoch": 0, "history": [], "best": None, "wall_seconds": 0.0}
+    fresh = False
     if resumed:
         _restore(resumed, model, optimizer)
         state, out = {k: resumed.document[k] for k in state}, folder
     else:
+        fresh = args.out is None or not args.out.exists()  # removed again if nothing is kept
         hint = ", or --resume it if it is unfinished" if args.out else ""
         default = Path("runs") / config.model
         out = distributed.on_main(
@@ -201,7 +203,7 @@ def _run(
         if log is not None:
             log.close()
             log = None
-        removed = not resumed and state["epoch"] == 0 and processes.main
+        removed = fresh and state["epoch"] == 0 and processes.main
         removed = removed and discard(out, PRODUCES)
         raise Interrupted(_interrupted(out, state["epoch"], removed)) from None
     finally:
