@@ -93,3 +93,14 @@ def test_a_garbled_metadata_is_one_line(sharded_save, tmp_path):
     (folder / "epoch-0001" / ".metadata").write_bytes(b"\x80\x05garbage")
     with pytest.raises(checkpoint.CheckpointError, match="damaged"):
         torchrev.load_checkpoint(folder)
+
+
+def test_a_sharded_save_consolidates_into_one_file_that_loads(sharded_save, tmp_path):
+    target = checkpoint.consolidate(sharded_save / "best.dcp", tmp_path / "shared.safetensors")
+    whole = torchrev.load_checkpoint(target)
+    split = torchrev.load_checkpoint(sharded_save / "best.dcp")
+    for (name, a), b in zip(whole.state_dict().items(), split.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert whole.inputs == split.inputs
+    with pytest.raises(checkpoint.CheckpointError, match="already one safetensors file"):
+        checkpoint.consolidate(target, tmp_path / "again.safetensors")

@@ -260,3 +260,18 @@ def _trained(checkpoint: Checkpoint) -> nn.Module:
     else:
         load_weights(model, checkpoint.tensors, checkpoint.path)
     return model
+
+
+def consolidate(path: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
+    """Write a sharded checkpoint (``best.dcp``, ``last.dcp`` or one of their saves) as one
+    safetensors file of its weights and settings, for sharing: the file loads with
+    :func:`load_checkpoint` on any machine, and holds no optimizer state (resume from the
+    sharded ``last.dcp``). Refuses a checkpoint that is already one file."""
+    checkpoint = read(path)
+    if not checkpoint.sharded:
+        raise CheckpointError(f"{checkpoint.path} is already one safetensors file; copy it")
+    model = _trained(checkpoint)
+    document = {k: v for k, v in checkpoint.document.items() if k not in ("format", "optimizer")}
+    target = Path(out)
+    save(target, model, None, document)
+    return target
