@@ -240,7 +240,7 @@ def _damage(run, damage, tmp_path):
     if damage == "epoch_repeated":
         meta["history"], meta["config"]["epochs"] = meta["history"] * 2, 9
     if damage == "unknown_model":
-        meta["config"]["model"] = "revnet39"
+        meta["config"]["model"], meta["config"]["epochs"] = "revnet39", 9
     save_file(tensors, str(path), metadata={"torchrev": json.dumps(meta)})
     return path
 
