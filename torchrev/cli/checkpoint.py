@@ -155,9 +155,9 @@ def build_model(document: dict, path: Path) -> nn.Module:
         return create_model(config.model, **config.model_kwargs)
     except (TypeError, ValueError, RuntimeError) as error:
         raise CheckpointError(
-            f"{path}: its settings name model {config.model!r} with {config.model_kwargs}, "
-            f"which this torchrev cannot build ({first_line(error, 100)}); it was edited or "
-            f"written by another version: use another checkpoint"
+            f"{path}: this torchrev cannot build the model its settings name, "
+            f"{config.model!r} ({first_line(error, 80)}); it was edited or written by another "
+            f"version: use another checkpoint"
         ) from None
 
 
