@@ -1,8 +1,9 @@
 """A griffe extension for the API reference: the docstrings' reStructuredText, as Markdown.
 
 The docstrings are written for readers of the source (``:class:`X```, ``.. math::``), which
-Markdown would show raw; this rewrites roles as code spans and math directives as code blocks
-when the reference is built, and leaves the source alone. griffe is imported only when
+Markdown would show raw; when the reference is built, this rewrites roles as code spans and
+math (``:math:`` roles, ``.. math::`` directives) between arithmatex's delimiters, which
+MathJax renders in the browser; the source stays as it is. griffe is imported only when
 mkdocs asks for the extension, so the tests check :func:`markdown` without the docs tools.
 """
 
@@ -11,13 +12,15 @@ from __future__ import annotations
 import re
 from typing import Any
 
-ROLE = re.compile(r":(?:class|func|meth|attr|mod|data|exc|obj|math):`~?([^`]+)`")
+ROLE = re.compile(r":(?:class|func|meth|attr|mod|data|exc|obj):`~?([^`]+)`")
+INLINE_MATH = re.compile(r":math:`([^`]+)`")
 MATH = re.compile(r"^( *)\.\. math::[ ]*(.*)$")
 
 
 def markdown(text: str) -> str:
-    """``text`` with Sphinx roles as code spans and ``.. math::`` blocks as fenced code."""
-    lines, out, i = ROLE.sub(r"`\1`", text).splitlines(), [], 0
+    """``text`` with Sphinx roles as code spans and math as arithmatex's delimiters."""
+    text = INLINE_MATH.sub(lambda m: f"\\({m.group(1)}\\)", ROLE.sub(r"`\1`", text))
+    lines, out, i = text.splitlines(), [], 0
     while i < len(lines):
         match = MATH.match(lines[i])
         if not match:
@@ -29,7 +32,7 @@ def markdown(text: str) -> str:
         while i < len(lines) and (not lines[i].strip() or lines[i].startswith(indent + " ")):
             body.append(lines[i].strip())
             i += 1
-        out += [f"{indent}```", *(f"{indent}{b}" for b in body if b), f"{indent}```", ""]
+        out += [f"{indent}\\[", *(f"{indent}{b}" for b in body if b), f"{indent}\\]", ""]
     return "\n".join(out)
 
 

@@ -13,7 +13,6 @@ from safetensors.torch import load_file, save_file
 import torchrev
 from torchrev.cli import bench, checkpoint, finetune, main, train
 from torchrev.cli.recipes import RECIPES
-from torchrev.cli.tasks import evaluate, load_task
 from torchrev.data import make_shapes3d
 
 # A RevNet-38 small enough for a one-epoch run in a few seconds: tests of files and errors.
@@ -50,12 +49,17 @@ def test_default_training_reaches_97_percent_on_digits(tmp_path):
         rows = list(csv.DictReader(handle))
     assert [int(r["epoch"]) for r in rows] == list(range(1, RECIPES["revnet38"].epochs + 1))
     assert (tmp_path / "curves.png").stat().st_size > 10_000
-    # One call gives back the trained model, with the test score the run reported.
+    # The documented three lines classify scikit-learn's raw digits (0..16, no channel axis)
+    # at the test score the run reported.
+    from sklearn.datasets import load_digits
+
     model = torchrev.load_checkpoint(tmp_path / "best.safetensors")
+    digits = load_digits()
+    predicted = model(digits.images).argmax(1)
     assert not model.training
-    data = load_task("classification")
-    score = evaluate(model, data, data.x_test, data.y_test, 256, torch.device("cpu"))
-    assert score["accuracy"] == metrics["test_accuracy"]
+    test = torchrev.data.digits.split()[1]
+    accuracy = (predicted[test] == torch.as_tensor(digits.target)[test]).double().mean().item()
+    assert accuracy == pytest.approx(metrics["test_accuracy"], abs=1e-12)
 
 
 @pytest.mark.parametrize(
@@ -123,9 +127,25 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, monkeypatch, caps
 def test_interrupt_in_the_first_epoch_says_nothing_was_kept(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(train, "train_epoch", lambda *a, **k: (_ for _ in ()).throw(
         KeyboardInterrupt))  # fmt: skip
-    assert main(["train", *TINY, "--out", str(tmp_path)]) == 130
+    assert main(["train", *TINY, "--out", str(tmp_path)]) == 130  # a folder that existed
     err = one_line_error(capsys, "nothing to resume")
     assert "<out>" not in err and "--resume" not in err
+    assert tmp_path.is_dir() and not list(tmp_path.iterdir())
+    assert main(["train", *TINY, "--out", str(tmp_path / "new")]) == 130  # made by the run
+    one_line_error(capsys, "nothing was kept", "removed")
+    assert not (tmp_path / "new").exists()
+
+
+def test_tensorboard_missing_is_one_line_and_makes_no_folder(tmp_path, capsys):
+    try:  # tensorboard is not a test dependency: its absence is what this checks
+        import tensorboard  # noqa: F401
+
+        pytest.skip("tensorboard is installed")
+    except ImportError:
+        pass
+    assert main(["train", *TINY, "--tensorboard", "--out", str(tmp_path / "o")]) == 2
+    one_line_error(capsys, "pip install tensorboard")
+    assert not (tmp_path / "o").exists()
 
 
 def test_compiled_training_reports_what_eager_training_does(tiny_run, tmp_path, capsys):
@@ -197,7 +217,7 @@ def _damage(run, damage, tmp_path):
         path.write_bytes((run / "last.safetensors").read_bytes()[:100])
         return path
     if damage == "missing_keys":
-        meta = {"format": meta["format"], "model": meta["model"]}
+        meta = {"format": meta["format"], "history": meta["history"]}
     if damage == "other_weights":
         meta["config"]["model_kwargs"]["channels"] = [16, 32, 32]
         meta["config"]["epochs"] = 2
@@ -215,6 +235,12 @@ def _damage(run, damage, tmp_path):
         meta["config"]["lr"] = "fast"
     if damage == "best":
         return run / "best.safetensors"
+    if damage == "epoch_ahead":  # epochs 2..5 missing from the history
+        meta["epoch"], meta["config"]["epochs"] = 5, 9
+    if damage == "epoch_repeated":
+        meta["history"], meta["config"]["epochs"] = meta["history"] * 2, 9
+    if damage == "unknown_model":
+        meta["config"]["model"], meta["config"]["epochs"] = "revnet39", 9
     save_file(tensors, str(path), metadata={"torchrev": json.dumps(meta)})
     return path
 
@@ -226,22 +252,28 @@ def _damage(run, damage, tmp_path):
         ("missing", ["does not exist"]),
         ("folder_without_checkpoint", ["holds no last.safetensors"]),
         ("no_metadata", ["no torchrev metadata"]),
-        ("missing_keys", ["lacks model_kwargs, epoch"]),
+        ("missing_keys", ["lacks epoch, config, best and 2 more"]),
         ("other_weights", ["do not fit", "reshaped", "more"]),
         ("best", ["weights only"]),
         ("not_json", ["not valid JSON", "damaged"]),
         ("wrong_types", ["wrong type in epoch, history", "damaged"]),
         ("bad_optimizer", ["optimizer state", "damaged"]),
         ("bad_settings", ["run settings are damaged (lr)"]),
+        ("epoch_ahead", ["history's epochs (1) are not 1..5", "edited"]),
+        ("epoch_repeated", ["history's epochs (1, 1) are not 1..1", "edited"]),
+        ("unknown_model", ["model 'revnet39'", "another checkpoint"]),
         ("other_model", ["--model", "drop --model"]),
         ("finished", ["is finished", "--epochs"]),
+        ("epochs_below", ["--epochs 1: the run", "trained 1 epochs already", "N > 1"]),
     ],
 )
 def test_bad_resume_files_are_refused_in_one_line(tiny_run, tmp_path, capsys, damage, words):
-    target = tiny_run if damage in ("other_model", "finished") else _damage(
+    target = tiny_run if damage in ("other_model", "finished", "epochs_below") else _damage(
         tiny_run, damage, tmp_path)  # fmt: skip
     before = {p: p.read_bytes() for p in tiny_run.iterdir() if p.is_file()}
-    extra = ["--model", "revvit_tiny"] if damage == "other_model" else []
+    extra = {"other_model": ["--model", "revvit_tiny"], "epochs_below": ["--epochs", "1"]}.get(
+        damage, []
+    )
     assert main(["train", "--resume", str(target), *extra]) == 2
     err = one_line_error(capsys, *words)
     assert len(err) < 400

@@ -14,7 +14,9 @@ costs about four forwards against plain autograd's three.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import sys
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from typing import Any, Literal
 
@@ -435,10 +437,27 @@ def _keeps_graph() -> bool:
     return True if get is None else bool(get())
 
 
+def _compile_disabled(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``torch.compiler.disable(fn)``, applied at the first call made once Dynamo is loaded:
+    the decorator imports Dynamo (a second of start-up), and nothing can compile before it is
+    loaded, so until then ``fn`` runs as it is."""
+    disabled: list[Callable[..., Any]] = []
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if "torch._dynamo" not in sys.modules:
+            return fn(*args, **kwargs)
+        if not disabled:
+            disabled.append(torch.compiler.disable(fn))
+        return disabled[0](*args, **kwargs)
+
+    return call
+
+
 # NOTE [compile] (opaque.py): under torch.compile a stack call reaches the engine as one custom
 # operator. Where this torch cannot define it, Dynamo must not trace the engine: it breaks the
 # graph here instead.
-@torch.compiler.disable
+@_compile_disabled
 def reversible_forward(
     blocks: Sequence[AbstractReversibleBlock],
     streams: Sequence[Tensor],

@@ -91,7 +91,6 @@ _RUNS: dict[int, _Run] = {}
 _numbers = itertools.count()
 
 
-@torch.compiler.assume_constant_result
 def _register(stack: _Stack, inverse: bool, skeleton: Any, *rest: tuple[Any, ...]) -> int:
     """Runs once per trace (Dynamo bakes in the result); ``skeleton``: the kwargs with 0 in
     place of each tensor (a TreeSpec does not survive Dynamo's conversion to a constant)."""
@@ -99,6 +98,11 @@ def _register(stack: _Stack, inverse: bool, skeleton: Any, *rest: tuple[Any, ...
     leaves, spec = tree_flatten(skeleton)
     _SITES[number] = _Site(weakref.ref(stack), inverse, spec, tuple(leaves), *rest)
     return number
+
+
+# What torch.compiler.assume_constant_result(_register) does, without importing Dynamo at
+# import time (a second of start-up): mark the function for Dynamo to call at trace time.
+_register._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def opaque_call(

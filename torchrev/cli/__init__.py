@@ -17,7 +17,7 @@ from .options import HelpFormatter, Parser, version
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``torchrev ARGS``; returns the exit status."""
-    from . import bench, finetune, train
+    from . import bench, finetune, models, train
 
     parser = Parser(
         prog="torchrev",
@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     train.add_parser(sub)
     bench.add_parser(sub)
     finetune.add_parser(sub)
+    models.add_parser(sub)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

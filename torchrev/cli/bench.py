@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -46,7 +47,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--depths", type=positive_int, nargs="+", default=[2, 4, 8],
         help="model depths (blocks per stage, transformer blocks or RevCol columns)",
     )  # fmt: skip
-    parser.add_argument("--batches", type=positive_int, nargs="+", default=[2, 8])
+    parser.add_argument(
+        "--batches", type=positive_int, nargs="+", default=[16, 64],
+        help="batch sizes (of the model's example inputs, whose shape the table shows)",
+    )  # fmt: skip
     parser.add_argument("--full", action="store_true", help="full-size model (default: small)")
     parser.add_argument("--repeats", type=positive_int, default=3, help="timing rounds")
     parser.add_argument(
@@ -64,9 +68,12 @@ def run(args: argparse.Namespace) -> int:
     retain_freed_memory()  # time compute, not page faults (see torchrev.bench.timing)
     rows = []
     points = [(d, b) for d in args.depths for b in args.batches]
+    quiet = sys.stderr.isatty()  # the progress bar shows progress; otherwise a line per point
     for depth, batch in _progress(points, f"bench {args.model}"):
         model = create_model(args.model, **{**base, **info.depth(depth)})
         rows += _measure(model, depth, batch, args.repeats)
+        if not quiet:
+            print(_point(rows[-len(FORMS) :]), flush=True)
     if args.budget_mib is not None:
         deepest = {**base, **info.depth(max(args.depths))}
         rows += _largest_inputs(args.model, deepest, args.budget_mib)
@@ -104,7 +111,10 @@ def _measure(model: AbstractReversibleModel, depth: int, batch: int, repeats: in
         step = _step(model, x)
         step()
         peak = training_step_peak(step, model.parameters())
-        rows.append({"depth": depth, "batch": batch, "form": form, "live_mib": peak / MiB})
+        shape = "x".join(str(n) for n in x.shape)
+        rows.append(
+            {"depth": depth, "batch": batch, "input": shape, "form": form, "live_mib": peak / MiB}
+        )
 
         def timed(form: str = form, step=step) -> None:
             _set_form(model, form)
@@ -149,13 +159,25 @@ def _largest_inputs(name: str, base: dict, budget_mib: float) -> list[dict]:
     return rows
 
 
+def _point(rows: list[dict]) -> str:
+    """One measured point (every form at one depth and batch) in a line."""
+    first = rows[0]
+    forms = ", ".join(
+        f"{r['form']} {r['live_mib']:.2f} MiB {1000 * r['seconds']:.1f} ms" for r in rows
+    )
+    return f"depth {first['depth']}, input {first['input']}: {forms}"
+
+
 def _table(rows: list[dict]) -> str:
-    lines = ["| depth | batch | form | live MiB | time vs plain |", "|---|---|---|---|---|"]
+    lines = [
+        "| depth | input | form | live MiB | ms per step | time vs plain |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if "live_mib" in r:
             lines.append(
-                f"| {r['depth']} | {r['batch']} | {r['form']} | {r['live_mib']:.2f} | "
-                f"{r['time_ratio']:.2f}x |"
+                f"| {r['depth']} | {r['input']} | {r['form']} | {r['live_mib']:.2f} | "
+                f"{1000 * r['seconds']:.1f} | {r['time_ratio']:.2f}x |"
             )
     return "\n".join(lines)
 
@@ -192,4 +214,6 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
         xlabel="depth", ylabel="MiB", title="training-step activation memory\n(beyond weights)"
     )
     time.set(xlabel="depth", ylabel="time / plain autograd's", title="training-step time")
-    finish(fig, title, path, legend_size=7)
+    handles, labels = memory.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7)  # below, not on, the curves
+    finish(fig, title, path, legend=False, bottom=0.04 + 0.05 * math.ceil(len(labels) / 3))

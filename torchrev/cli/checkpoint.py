@@ -22,17 +22,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import document as document_
 from . import sharded
+from .document import FORMAT
+from .errors import CheckpointError as CheckpointError
 from .errors import first_line, summarise
+from .inputs import TrainedModel
 
-FORMAT = 2
 LAST, BEST = "last.safetensors", "best.safetensors"
 LAST_SHARDED, BEST_SHARDED = "last" + sharded.SUFFIX, "best" + sharded.SUFFIX
 _KEY = "torchrev"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: the message names the file and what to do."""
 
 
 def save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, doc: dict) -> None:
@@ -91,7 +90,7 @@ def read(path: str | os.PathLike[str]) -> Checkpoint:
         if save is None:
             raise CheckpointError(f"{path} holds no complete save; use another checkpoint")
         document = _parse((save / sharded.DOCUMENT).read_text(), save / sharded.DOCUMENT)
-        _validate(document, save)
+        document_.validate(document, save)
         return Checkpoint(save, document, None)
     tensors, metadata = _read_file(path)
     if _KEY not in metadata:
@@ -99,7 +98,7 @@ def read(path: str | os.PathLike[str]) -> Checkpoint:
             f"{path} has no torchrev metadata; only checkpoints written by torchrev train load"
         )
     document = _parse(metadata[_KEY], path)
-    _validate(document, path)
+    document_.validate(document, path)
     return Checkpoint(path, document, tensors)
 
 
@@ -147,64 +146,18 @@ def _read_file(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
         ) from None
 
 
-#: The metadata's fields and their types; a field of another type means the file was damaged.
-_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "format": int,
-    "model": str,
-    "model_kwargs": dict,
-    "epoch": int,
-    "config": dict,
-    "history": list,
-    "best": (dict, type(None)),
-    "wall_seconds": (int, float),
-    "optimizer": dict,
-}
-_REQUIRED = (
-    "format",
-    "model",
-    "model_kwargs",
-    "epoch",
-    "config",
-    "history",
-    "best",
-    "wall_seconds",
-)
-
-
-def _validate(document: Any, path: Path) -> None:
-    """Refuse metadata that is not what torchrev train wrote, in one line naming the fields."""
-    if not isinstance(document, dict):
-        raise CheckpointError(f"{path}: its torchrev metadata is not a JSON object; it was damaged")
-    missing = [key for key in _REQUIRED if key not in document]
-    wrong = [
-        key
-        for key, kind in _FIELDS.items()
-        if key in document and (not isinstance(document[key], kind) or document[key] is True)
-    ]
-    if not missing and not wrong and document["format"] != FORMAT:
-        what = f"has format {document['format']}"
-    elif missing or wrong:
-        what = f"lacks {summarise(missing)}" if missing else ""
-        if wrong:
-            what += f"{'; ' if missing else ''}has a wrong type in {summarise(wrong)}"
-    else:
-        return
-    raise CheckpointError(
-        f"{path}: its torchrev metadata {what} (this torchrev reads format {FORMAT}); it was "
-        f"damaged or written by another version: use another checkpoint"
-    )
-
-
 def build_model(document: dict, path: Path) -> nn.Module:
-    """The registered model a checkpoint's metadata describes, freshly initialised."""
+    """The registered model a checkpoint's (validated) settings describe, freshly initialised."""
     from ..models import create_model
 
+    config = document_.config(document)
     try:
-        return create_model(document["model"], **document["model_kwargs"])
+        return create_model(config.model, **config.model_kwargs)
     except (TypeError, ValueError, RuntimeError) as error:
         raise CheckpointError(
-            f"{path}: cannot build model {document['model']!r} with "
-            f"{document['model_kwargs']} ({first_line(error, 100)})"
+            f"{path}: this torchrev cannot build the model its settings name, "
+            f"{config.model!r} ({first_line(error, 80)}); it was edited or written by another "
+            f"version: use another checkpoint"
         ) from None
 
 
@@ -265,19 +218,60 @@ def restore(checkpoint: Checkpoint, optimizer: torch.optim.Optimizer) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> nn.Module:
-    """The trained model of a `torchrev train` checkpoint, in eval mode, on ``device``.
+def load_checkpoint(
+    path: str | os.PathLike[str], device: str | torch.device = "cpu"
+) -> TrainedModel:
+    """The trained model of a `torchrev train` checkpoint, taking its data set's raw examples.
 
-    Reads only the checkpoint: the model's registered name and configuration are in its
-    metadata. ``path`` is ``best.safetensors``, ``last.safetensors``, a sharded ``best.dcp``
-    or ``last.dcp`` folder (``--strategy fsdp``; read on one process), or a run folder for its
-    ``last``. Raises :class:`CheckpointError` (a ``ValueError``) naming the file and what is
-    wrong.
+    The returned :class:`~torchrev.cli.inputs.TrainedModel` (eval mode, on ``device``) applies
+    the normalisation the run trained with (saved in the checkpoint), so it takes the data as
+    the data set gives it: for the digits, ``load_digits().images`` of scikit-learn. Its
+    ``.model`` is the registered model itself, for normalised inputs. The model's registered
+    name and configuration come from the checkpoint's metadata. ``path`` is
+    ``best.safetensors``, ``last.safetensors``, a sharded ``best.dcp`` or ``last.dcp`` folder
+    (``--strategy fsdp``; read on one process, without unpickling anything the files choose),
+    or a run folder for its ``last``. Raises :class:`CheckpointError` (a ``ValueError``)
+    naming the file and what is wrong.
+
+    Example:
+        ```py
+        from sklearn.datasets import load_digits
+        import torchrev
+
+        model = torchrev.load_checkpoint("runs/revnet38/best.safetensors")
+        predicted = model(load_digits().images).argmax(1)  # raw 8x8 images, values 0..16
+        ```
     """
     checkpoint = read(path)
+    model = _trained(checkpoint)
+    return TrainedModel(model, document_.inputs(checkpoint.document)).to(device).eval()
+
+
+def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> nn.Module:
+    """The registered model of a checkpoint, in eval mode, for normalised inputs (what the
+    run trained on; :func:`load_checkpoint` adds the normalisation)."""
+    return _trained(read(path)).to(device).eval()
+
+
+def _trained(checkpoint: Checkpoint) -> nn.Module:
     model = build_model(checkpoint.document, checkpoint.path)
     if checkpoint.tensors is None:
         sharded.load_weights(checkpoint.path, model)
     else:
         load_weights(model, checkpoint.tensors, checkpoint.path)
-    return model.to(device).eval()
+    return model
+
+
+def consolidate(path: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
+    """Write a sharded checkpoint (``best.dcp``, ``last.dcp`` or one of their saves) as one
+    safetensors file of its weights and settings, for sharing: the file loads with
+    :func:`load_checkpoint` on any machine, and holds no optimizer state (resume from the
+    sharded ``last.dcp``). Refuses a checkpoint that is already one file."""
+    checkpoint = read(path)
+    if not checkpoint.sharded:
+        raise CheckpointError(f"{checkpoint.path} is already one safetensors file; copy it")
+    model = _trained(checkpoint)
+    document = {k: v for k, v in checkpoint.document.items() if k not in ("format", "optimizer")}
+    target = Path(out)
+    save(target, model, None, document)
+    return target

@@ -9,6 +9,10 @@ class CliError(Exception):
     """A one-line error for the command line: what went wrong, where, and what to do."""
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: the message names the file and what to do."""
+
+
 class Interrupted(Exception):
     """Ctrl-C, with what the command kept and how to continue (one line)."""
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -19,17 +18,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..bench.memory import MiB, training_step_peak
 from ..data import make_sentiment
-from .budget import Budget, add_budget_argument
+from .budget import add_budget_argument
 from .errors import CliError
 from .finetune_decoder import add_decoder_arguments, run_decoder
+from .finetune_steps import LEARNING_RATES as LEARNING_RATES
+from .finetune_steps import METHODS as METHODS
+from .finetune_steps import SUMMARY as SUMMARY
+from .finetune_steps import fit as fit
+from .finetune_steps import save as save
+from .finetune_steps import step_peak as step_peak
+from .finetune_steps import table
 from .options import HelpFormatter, add_out, positive_int
 from .outdir import choose_out
-
-METHODS = ("meft", "full", "lora")
-LEARNING_RATES = {"meft": 3e-3, "full": 5e-5, "lora": 1e-3}
-SUMMARY = "metrics.json"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -46,12 +47,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         ),
         formatter_class=HelpFormatter,
     )
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument(
+        "--methods", nargs="+", choices=METHODS, default=list(METHODS), metavar="METHOD",
+        help=f"which methods to train and compare: {', '.join(METHODS)}",
+    )  # fmt: skip
     parser.add_argument("--variant", type=int, choices=(1, 2, 3), default=1, help="MEFT variant")
-    parser.add_argument("--epochs", type=positive_int, default=3)
-    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--epochs", type=positive_int, default=3, help="passes over the data")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="examples per step")
     parser.add_argument("--train-size", type=positive_int, default=512, help="training sentences")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
     add_out(parser, "runs/finetune")
     add_decoder_arguments(parser)
     add_budget_argument(parser)
@@ -133,19 +137,8 @@ def run(args: argparse.Namespace) -> int:
             f"trainable {trainable:,}  {seconds:.0f} s  saved in {out / method}",
             flush=True,
         )
-    print(_table(rows))
+    print(table(rows))
     return 0
-
-
-def save(model: nn.Module, method: str, folder: Path) -> None:
-    """What ``method`` trained, in safetensors: MEFT's adapters and head, LoRA's adapters
-    (peft's format), or the whole fine-tuned model (transformers' format)."""
-    if method == "meft":
-        from ..convert import save_adapters
-
-        save_adapters(model, folder)
-    else:
-        model.save_pretrained(folder)  # peft and transformers both write safetensors
 
 
 def _encoder(tokenizer: Any) -> Callable[..., dict]:
@@ -162,73 +155,9 @@ def _batches(encode: Callable, texts: list[str], labels: list[int]) -> Callable:
     return lambda index: encode([texts[j] for j in index], [labels[j] for j in index])
 
 
-def fit(
-    model: nn.Module,
-    method: str,
-    batch: Callable[[list[int]], dict],
-    n: int,
-    args: argparse.Namespace,
-    lr: float | None = None,
-) -> None:
-    """AdamW over the trainable parameters, ``args.epochs`` shuffled passes over ``n``
-    examples (``batch(indices)`` gives a batch's model inputs), with a progress bar and a line
-    per epoch."""
-    from tqdm import tqdm
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr or LEARNING_RATES[method])
-    model.train()
-    budget = Budget(model, getattr(args, "memory_budget", None))
-    for epoch in range(args.epochs):
-        began, losses = time.perf_counter(), []
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch)).tolist()
-        starts = range(0, n, args.batch_size)
-        bar = tqdm(starts, desc=f"{method} epoch {epoch + 1}", leave=False, file=sys.stderr,
-                   disable=None)  # fmt: skip
-        for i in bar:
-            index = order[i : i + args.batch_size]
-            inputs = batch(index)
-            budget(inputs)  # plans each new shape once (--memory-budget)
-            loss = model(**inputs).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        print(
-            f"{method:<5} epoch {epoch + 1}/{args.epochs}  loss {sum(losses) / len(losses):.4f}"
-            f"  {time.perf_counter() - began:.0f} s",
-            flush=True,
-        )
-
-
 def _accuracy(model: nn.Module, encode: Callable, texts: list[str], labels: list[int]) -> float:
     model.eval()
     with torch.no_grad():
         logits = model(**encode(texts)).logits
     model.train()
     return (logits.argmax(-1) == torch.tensor(labels)).float().mean().item()
-
-
-def step_peak(model: nn.Module, batch: dict) -> float:
-    """MiB of one training step beyond the trainable parameters and their gradients."""
-    model.train()
-
-    def step() -> None:
-        model(**batch).loss.backward()
-
-    step()
-    return training_step_peak(step, [p for p in model.parameters() if p.requires_grad]) / MiB
-
-
-def _table(rows: list[dict]) -> str:
-    lines = [
-        "| method | test accuracy | activation MiB | trainable parameters |",
-        "|---|---|---|---|",
-    ]
-    lines += [
-        f"| {r['method']} | {r['test_accuracy']:.1%} | {r['activation_mib']:.2f} | "
-        f"{r['trainable_parameters']:,} |"
-        for r in rows
-    ]
-    return "\n".join(lines)

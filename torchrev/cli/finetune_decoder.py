@@ -143,7 +143,7 @@ def run_decoder(args: argparse.Namespace) -> int:
     import transformers
 
     from ..convert.lm_loss import chunked_lm_loss
-    from . import finetune
+    from . import finetune_steps as finetune
     from .outdir import choose_out
 
     transformers.logging.set_verbosity_error()
@@ -177,7 +177,7 @@ def run_decoder(args: argparse.Namespace) -> int:
         print(f"{method:<5} next-token accuracy {accuracy:.2%}  loss {loss:.3f}  activation "
               f"memory {memory:.2f} MiB  trainable {trainable:,}  {seconds:.0f} s  saved in "
               f"{out / method}", flush=True)  # fmt: skip
-    print(finetune._table(rows))
+    print(finetune.table(rows))
     return 0
 
 

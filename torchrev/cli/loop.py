@@ -6,33 +6,16 @@ import copy
 import math
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..bench.memory import step_memory
+from .config import RunConfig as RunConfig
 from .distributed import Processes, all_sum, local_share
 from .tasks import TaskData, augment
 
 SINGLE = Processes()
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """What determines a run's result; saved in every checkpoint and reused on resume."""
-
-    model: str
-    model_kwargs: dict[str, Any]
-    epochs: int
-    batch_size: int
-    lr: float
-    weight_decay: float
-    warmup_epochs: int
-    label_smoothing: float
-    shift: int
-    seed: int
 
 
 def learning_rate(config: RunConfig, step: int, steps_per_epoch: int) -> float:

@@ -68,3 +68,15 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     else:
         path.unlink()
+
+
+def discard(out: Path, produces: Sequence[str]) -> bool:
+    """Remove what a command wrote to ``out`` before it produced anything to keep (the
+    entries of ``produces``), and ``out`` itself if that leaves it empty; whether it did."""
+    for name in _held(out, produces):
+        _remove(out / name)
+    try:
+        out.rmdir()  # only an empty folder: a user's other files stay
+    except OSError:
+        return False
+    return True

@@ -17,20 +17,15 @@ import torch
 from torch import nn
 
 from ..models import model_info
-from .checkpoint import Checkpoint, CheckpointError
+from . import document
+from .checkpoint import Checkpoint
+from .config import RunConfig
 from .errors import CliError, first_line
-from .loop import RunConfig
 from .recipes import recipe
 from .tasks import MODEL_KWARGS
 
 #: Options a resumed run takes from its checkpoint (only --epochs may change).
 FIXED_ON_RESUME = ("model", "model_kwargs", "batch_size", "lr", "weight_decay", "seed")
-_TYPES: dict[str, type | tuple[type, ...]] = {
-    "str": str,
-    "int": int,
-    "float": (int, float),
-    "dict[str, Any]": dict,
-}
 
 
 def run_config(args: argparse.Namespace, resumed: Checkpoint | None) -> RunConfig:
@@ -52,7 +47,7 @@ def run_config(args: argparse.Namespace, resumed: Checkpoint | None) -> RunConfi
                 "seed": 0 if args.seed is None else args.seed,
             }
         )
-    saved = _saved_config(resumed)
+    saved = document.config(resumed.document)  # validated when the checkpoint was read
     for key in FIXED_ON_RESUME:
         value, kept = getattr(args, key), getattr(saved, key)
         if key == "model_kwargs":
@@ -64,28 +59,6 @@ def run_config(args: argparse.Namespace, resumed: Checkpoint | None) -> RunConfi
                 f"--resume continues a run with its own settings: drop {option}"
             )
     return RunConfig(**{**asdict(saved), "epochs": args.epochs or saved.epochs})
-
-
-def _saved_config(resumed: Checkpoint) -> RunConfig:
-    try:
-        saved = RunConfig(**resumed.document["config"])
-    except (KeyError, TypeError):
-        raise CheckpointError(
-            f"{resumed.path}: its torchrev metadata lacks the run's settings (config); it was "
-            f"damaged: use another checkpoint"
-        ) from None
-    wrong = [
-        f.name
-        for f in fields(RunConfig)
-        if not isinstance(getattr(saved, f.name), _TYPES[str(f.type)])
-        or isinstance(getattr(saved, f.name), bool)
-    ]
-    if wrong or saved.epochs < 1 or saved.batch_size < 1:
-        raise CheckpointError(
-            f"{resumed.path}: its run settings are damaged ({', '.join(wrong) or 'epochs'}); "
-            f"use another checkpoint"
-        )
-    return saved
 
 
 def as_json(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -105,7 +78,8 @@ def build(name: str, kwargs: dict[str, Any]) -> nn.Module:
         return create_model(name, **kwargs)
     except (TypeError, ValueError, RuntimeError) as error:
         raise CliError(
-            f"cannot build {name} with {kwargs}: {first_line(error)}; fix --model-kwargs"
+            f"cannot build {name} with {kwargs}: {first_line(error)}; fix --model-kwargs "
+            f"(`torchrev models {name}` lists what it takes)"
         ) from None
 
 
@@ -120,6 +94,11 @@ def resume_out(args: argparse.Namespace, resumed: Checkpoint, epochs: int) -> Pa
     folder, done = run_folder(resumed), resumed.document["epoch"]
     if args.out is not None and args.out.resolve() != folder.resolve():
         raise CliError(f"--resume continues the run in {folder}; drop --out {args.out}")
+    if args.epochs is not None and args.epochs <= done:
+        raise CliError(
+            f"--epochs {args.epochs}: the run in {folder} has trained {done} epochs already; "
+            f"pass --epochs N with N > {done} to train it further"
+        )
     if done >= epochs:
         raise CliError(
             f"the run in {folder} is finished ({done} of {epochs} epochs); pass --epochs N "

@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import first_line
+from . import dcp_reader
+from .errors import CheckpointError, first_line
 
 SUFFIX = ".dcp"
 DOCUMENT = "torchrev.json"
@@ -78,13 +79,13 @@ def save(
 
 
 def load(save: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Every process: the model's and optimizer's shards and the RNG of ``save``."""
-    import torch.distributed.checkpoint as dcp
+    """Every process: the model's and optimizer's shards and the RNG of ``save`` (read
+    without unpickling anything the files choose, see ``dcp_reader.py``)."""
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state, "rng": torch.get_rng_state()}
-    dcp.load(state, checkpoint_id=save)
+    dcp_reader.load_state(state, save)
     set_state_dict(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
     )
@@ -92,16 +93,15 @@ def load(save: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None
 
 
 def load_weights(save: Path, model: nn.Module) -> None:
-    """One process, no process group needed: the full weights of ``save`` into ``model``."""
-    import torch.distributed.checkpoint as dcp
-
-    from .checkpoint import CheckpointError
-
+    """One process, no process group needed: the full weights of ``save`` into ``model``
+    (read without unpickling anything the files choose, see ``dcp_reader.py``)."""
     weights = model.state_dict()
     try:
         with warnings.catch_warnings():  # DCP warns that it reads on one process: we mean it
             warnings.simplefilter("ignore", UserWarning)
-            dcp.load({"model": weights}, checkpoint_id=save, no_dist=True)
+            dcp_reader.load_state({"model": weights}, save, no_dist=True)
+    except CheckpointError:
+        raise
     except Exception as error:  # DCP wraps what went wrong in several exception types
         raise CheckpointError(
             f"{save}: its shards do not fit a {type(model).__name__} or are damaged "

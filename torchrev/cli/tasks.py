@@ -14,12 +14,26 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..data import load_digits, make_shapes3d
+from ..data import digits, load_digits, make_shapes3d
+from .inputs import InputSpec
 
 #: Keyword arguments that fit a registered model to each task's data.
 MODEL_KWARGS: dict[str, dict[str, Any]] = {
     "classification": {"in_chans": 1, "num_classes": 10, "image_size": 8},
     "segmentation": {"in_chans": 1, "num_classes": 3, "volume": 16},
+}
+
+#: How each task's data set gives its examples, and what the models are trained on.
+INPUTS: dict[str, InputSpec] = {
+    "classification": InputSpec(
+        "sklearn.datasets.load_digits().images: (N, 8, 8), values 0..16",
+        digits.SCALE,
+        digits.SHIFT,
+        add_channel=True,
+    ),
+    "segmentation": InputSpec(
+        "torchrev.data.make_shapes3d(...)[0]: (N, 1, D, H, W)", 1.0, 0.0, add_channel=False
+    ),
 }
 
 
@@ -151,13 +165,24 @@ class Scorer:
 
 
 def evaluate(
-    model: nn.Module, data: TaskData, x: Tensor, y: Tensor, batch_size: int, device: torch.device
+    model: nn.Module,
+    data: TaskData,
+    x: Tensor,
+    y: Tensor,
+    batch_size: int,
+    device: torch.device,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> dict[str, float]:
-    """Scores of ``model`` on ``(x, y)`` in eval mode, batch by batch."""
+    """Scores of ``model`` on ``(x, y)`` in eval mode, batch by batch (and the mean loss
+    under ``loss_fn``, weighted by batch size, if given)."""
     model.eval()
-    scorer = data.scorer()
+    scorer, total = data.scorer(), 0.0
     with torch.no_grad():
         for i in range(0, len(x), batch_size):
-            scorer.update(model(x[i : i + batch_size].to(device)).cpu(), y[i : i + batch_size])
+            logits = model(x[i : i + batch_size].to(device)).cpu()
+            scorer.update(logits, y[i : i + batch_size])
+            if loss_fn is not None:
+                total += loss_fn(logits, y[i : i + batch_size]).item() * len(logits)
     model.train()
-    return scorer.result()
+    scores = scorer.result()
+    return scores if loss_fn is None else {"loss": total / len(x), **scores}

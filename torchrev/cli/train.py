@@ -26,7 +26,7 @@ from .budget import Budget, add_budget_argument
 from .checkpoint import BEST, BEST_SHARDED, LAST, LAST_SHARDED, Checkpoint
 from .distributed import STRATEGIES, Processes, unwrap
 from .errors import CliError, Interrupted
-from .logs import CURVES, METRICS, TENSORBOARD, RunLog
+from .logs import CURVES, METRICS, TENSORBOARD, RunLog, require_tensorboard
 from .loop import RunConfig, step_peak, train_epoch
 from .options import (
     HelpFormatter,
@@ -37,9 +37,9 @@ from .options import (
     positive_float,
     positive_int,
 )
-from .outdir import choose_out
+from .outdir import choose_out, discard
 from .recipes import recipes_help
-from .tasks import TaskData, evaluate, load_task, loss_function
+from .tasks import INPUTS, TaskData, evaluate, load_task, loss_function
 
 SUMMARY = "metrics.json"
 PRODUCES = (
@@ -53,11 +53,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="train a reversible model (default: RevNet-38 on scikit-learn's digits)",
         description=(
             "Train a registered model on a small real (or generated) data set with its own "
-            "recipe (AdamW, warmup and cosine decay, augmentation). Every epoch writes "
+            "recipe: AdamW with warmup and cosine decay, and per model the epochs, batch size, "
+            "learning rate, weight decay, label smoothing and augmentation in "
+            "torchrev/cli/recipes.py (the table below lists the first three). Every epoch "
+            "writes "
             f"{METRICS}, {CURVES} and {LAST}, and {BEST} when the validation score improves; "
             "the end reports both checkpoints' test scores and the training step's memory "
             "against the same model under plain autograd. Load a checkpoint with "
-            "torchrev.load_checkpoint(path)."
+            "torchrev.load_checkpoint(path): it takes the data set's raw examples. Scores "
+            "depend on the number of threads (OMP_NUM_THREADS); a resumed run's wall time "
+            "counts every part."
         ),
         epilog=recipes_help(),
         formatter_class=HelpFormatter,
@@ -79,7 +84,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--model-kwargs", type=keyword, nargs="+", action="extend", default=[],
         metavar="KEY=VALUE",
-        help="override the model's settings, e.g. depth=4 dim=64 (Python literals)",
+        help="override the model's settings (Python literals), e.g. for revnet38 "
+        "channels=(16,32,64) blocks=(2,2,2); `torchrev models NAME` lists a model's",
     )  # fmt: skip
     parser.add_argument(
         "--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -118,6 +124,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Check everything, join the processes (under torchrun), train, report."""
+    if args.tensorboard:
+        require_tensorboard()  # before any folder is made
     resumed = checkpoint.read(args.resume) if args.resume else None
     if resumed:
         checkpoint.require_resumable(resumed)
@@ -135,7 +143,10 @@ def run(args: argparse.Namespace) -> int:
         )
     folder = settings.resume_out(args, resumed, config.epochs) if resumed else None
     torch.manual_seed(config.seed)
-    model = settings.build(config.model, config.model_kwargs)  # bad --model-kwargs fail here
+    if resumed:  # the model its checkpoint describes (a damaged one fails here)
+        model = checkpoint.build_model(resumed.document, resumed.path)
+    else:
+        model = settings.build(config.model, config.model_kwargs)  # bad --model-kwargs fail here
     processes, device = distributed.setup(strategy, device)
     try:
         return _run(args, config, model, resumed, folder, processes, device)
@@ -158,10 +169,12 @@ def _run(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
     state: dict[str, Any] = {"epoch": 0, "history": [], "best": None, "wall_seconds": 0.0}
+    fresh = False
     if resumed:
         _restore(resumed, model, optimizer)
         state, out = {k: resumed.document[k] for k in state}, folder
     else:
+        fresh = args.out is None or not args.out.exists()  # removed again if nothing is kept
         hint = ", or --resume it if it is unfinished" if args.out else ""
         default = Path("runs") / config.model
         out = distributed.on_main(
@@ -171,8 +184,8 @@ def _run(
     data = load_task(model_info(config.model).task)
     title = f"{config.model} on {data.name}"
     log = RunLog(out, title, data.metric, args.tensorboard) if processes.main else None
-    document = {"model": config.model, "model_kwargs": config.model_kwargs,
-                "config": asdict(config), "strategy": processes.strategy}  # fmt: skip
+    document = {"config": asdict(config), "strategy": processes.strategy,
+                "input": asdict(INPUTS[data.task])}  # fmt: skip
     shards = f", {processes.world} processes ({processes.strategy})" if processes.world > 1 else ""
     say(
         f"training {title} ({len(data.y_train)} train, {len(data.y_val)} validation, "
@@ -185,10 +198,18 @@ def _run(
     if args.compile:  # the training steps only: evaluation and checkpoints use the module
         fit.step_model = torch.compile(model, backend=args.compile)
     stop = args.stop_after or config.epochs
+    if config.batch_size > len(data.y_train):
+        say(f"--batch-size {config.batch_size} is above the {len(data.y_train)} training "
+            f"examples: each step takes all of them")  # fmt: skip
     try:
         fit(state, stop)
     except KeyboardInterrupt:
-        raise Interrupted(_interrupted(out, state["epoch"])) from None
+        if log is not None:
+            log.close()
+            log = None
+        removed = fresh and state["epoch"] == 0 and processes.main
+        removed = removed and discard(out, PRODUCES)
+        raise Interrupted(_interrupted(out, state["epoch"], removed)) from None
     finally:
         if log is not None:
             log.close()
@@ -248,7 +269,8 @@ class _Fit:
             distributed.sync_buffers(self.model, processes)
             row: dict[str, Any] = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"]}
             row |= scores
-            val = evaluate(unwrap(self.model), data, data.x_val, data.y_val, 64, self.device)
+            val = evaluate(unwrap(self.model), data, data.x_val, data.y_val, 64, self.device,
+                           loss_fn)  # fmt: skip
             row |= {f"val_{k}": v for k, v in val.items()}
             row["seconds"] = time.perf_counter() - started
             done = {"epoch": epoch + 1, "history": [*state["history"], row],
@@ -304,7 +326,7 @@ def _report(
     if not processes.main:
         return {}
     best_path = out / (BEST_SHARDED if processes.sharded else BEST)
-    best_model = checkpoint.load_checkpoint(best_path, device)
+    best_model = checkpoint.load_model(best_path, device)
     best = evaluate(best_model, data, data.x_test, data.y_test, 64, device)
     metric, best_epoch = data.metric, state["best"]["epoch"]
     print(
@@ -367,7 +389,9 @@ def _plan_memory(
         budget((x,), lambda out, y=y: loss_fn(out, y), say)
 
 
-def _interrupted(out: Path, done: int) -> str:
+def _interrupted(out: Path, done: int, removed: bool = False) -> str:
+    if done == 0 and removed:
+        return f"interrupted in the first epoch; nothing was kept ({out} removed)"
     if done == 0:
         return f"interrupted in the first epoch; nothing to resume in {out}"
     return f"interrupted after epoch {done}; `torchrev train --resume {out}` continues the run"

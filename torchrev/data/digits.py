@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+#: ``x * SCALE + SHIFT`` maps the images' values 0..16 to [-1, 1].
+SCALE, SHIFT = 0.125, -1.0
+
 
 def load_digits(test_fraction: float = 0.2) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(x_train, y_train, x_test, y_test)``: images (N, 1, 8, 8) scaled to [-1, 1], labels.
@@ -19,9 +22,14 @@ def load_digits(test_fraction: float = 0.2) -> tuple[Tensor, Tensor, Tensor, Ten
             "the digits data set comes with scikit-learn: pip install 'torchrev[cli]'"
         ) from error
     digits = sklearn_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 8.0 - 1.0
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) * SCALE + SHIFT
     y = torch.tensor(digits.target, dtype=torch.long)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    n_test = round(len(y) * test_fraction)
-    test, train = order[:n_test], order[n_test:]
+    train, test = split(len(y), test_fraction)
     return x[train], y[train], x[test], y[test]
+
+
+def split(n: int = 1797, test_fraction: float = 0.2) -> tuple[Tensor, Tensor]:
+    """``(train, test)``: the indices of :func:`load_digits`'s fixed split of ``n`` images."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    n_test = round(n * test_fraction)
+    return order[n_test:], order[:n_test]
