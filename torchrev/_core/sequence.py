@@ -133,7 +133,7 @@ class ReversibleSequential(nn.ModuleList):
 
     @property
     def exact(self) -> Exact:
-        """``True``, ``False`` or ``"auto"``: see the class docstring."""
+        """``True``, ``False``, ``"auto"`` or ``"compact"``: see the class docstring."""
         return self._exact
 
     @exact.setter
