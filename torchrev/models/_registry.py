@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from torch import nn
 
-Task = Literal["classification", "segmentation"]
+Task = Literal["classification", "segmentation", "detection"]
 
 
 @dataclass(frozen=True)
