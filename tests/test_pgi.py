@@ -1,6 +1,7 @@
 """PGI's reversible auxiliary branch: exact gradients, free to strip, little memory."""
 
 import itertools
+import json
 
 import pytest
 import torch
@@ -196,3 +197,38 @@ def test_registered_as_a_model_with_its_pgi_form():
     plain = torchrev.create_model("gelan_t", **SMALL)
     assert isinstance(plain, GELAN)
     assert isinstance(torchrev.create_model("gelan_t", pgi=True, **SMALL), GELANPGI)
+
+
+def test_train_shapes_detect_writes_the_run_folder(tmp_path, monkeypatch, capsys):
+    from torchrev.cli import detect, main
+
+    monkeypatch.setattr(detect, "SPLITS", {"train": (24, 0), "val": (8, 1), "test": (8, 2)})
+    args = ["train", "--model", "gelan_t", "--task", "shapes-detect", "--pgi", "--epochs", "1",
+            "--batch-size", "12", "--model-kwargs", "widths=(4,8,8,8,8)",
+            "--out", str(tmp_path)]  # fmt: skip
+    assert main(args) == 0
+    names = {"metrics.csv", "curves.png", "best.safetensors", "last.safetensors"}
+    assert names | {"predictions.png", "metrics.json"} <= {p.name for p in tmp_path.iterdir()}
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert 0 <= metrics["test_map50"] <= 1 and 0 <= metrics["test_map"] <= metrics["test_map50"]
+    assert isinstance(torchrev.load_checkpoint(tmp_path / "best.safetensors"), GELANPGI)
+    assert "mAP@0.5" in capsys.readouterr().out
+
+
+def test_coco_map_of_the_true_boxes_is_one_and_of_shifted_boxes_lower():
+    from torchrev.cli.detect import coco_map
+    from torchrev.data import make_shapes_detect
+
+    _, targets = make_shapes_detect(6, 64, seed=3)
+    perfect = [{**t, "scores": torch.ones(len(t["labels"]))} for t in targets]
+    assert coco_map(perfect, targets, 64) == {"map50": 1.0, "map": 1.0}
+    shifted = [{**d, "boxes": d["boxes"] + 3.0} for d in perfect]
+    scores = coco_map(shifted, targets, 64)
+    assert scores["map"] < scores["map50"] <= 1.0
+
+
+def test_pgi_and_shapes_detect_are_refused_for_other_models(capsys):
+    from torchrev.cli import main
+
+    assert main(["train", "--model", "revnet38", "--pgi"]) != 0
+    assert "--pgi" in capsys.readouterr().err

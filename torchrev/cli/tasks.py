@@ -20,6 +20,7 @@ from ..data import load_digits, make_shapes3d
 MODEL_KWARGS: dict[str, dict[str, Any]] = {
     "classification": {"in_chans": 1, "num_classes": 10, "image_size": 8},
     "segmentation": {"in_chans": 1, "num_classes": 3, "volume": 16},
+    "detection": {"in_chans": 3, "num_classes": 4, "image_size": 64},
 }
 
 
