@@ -166,16 +166,18 @@ class DetectionLoss:
         return (sigmoid_focal_loss(logits, cls_target) + self.box_weight * box_loss) / n_pos
 
 
-def nms(boxes: Tensor, scores: Tensor, iou: float) -> Tensor:
-    """Indices of the boxes greedy non-maximum suppression keeps, best first."""
+def nms(boxes: Tensor, scores: Tensor, iou: float, limit: int | None = None) -> Tensor:
+    """Indices of the boxes greedy non-maximum suppression keeps, best first (at most
+    ``limit``): one pass per kept box."""
     order = scores.argsort(descending=True)
     overlap = box_iou(boxes[order], boxes[order])
+    alive = torch.ones(len(order), dtype=torch.bool)
     keep: list[int] = []
-    suppressed = torch.zeros(len(order), dtype=torch.bool)
-    for k in range(len(order)):
-        if not suppressed[k]:
-            keep.append(k)
-            suppressed |= overlap[k] > iou
+    while alive.any() and (limit is None or len(keep) < limit):
+        k = int(alive.to(torch.uint8).argmax())  # the best box still alive
+        keep.append(k)
+        alive &= overlap[k] <= iou
+        alive[k] = False
     return order[keep]
 
 
@@ -198,6 +200,6 @@ def postprocess(
         point, label, score = point[top], label[top], score[top]
         box = b[point].clamp(0, image_size)
         # per-class NMS in one pass: offset each class's boxes apart
-        keep = nms(box + label[:, None].to(box) * 2 * image_size, score, iou)[:max_detections]
+        keep = nms(box + label[:, None].to(box) * 2 * image_size, score, iou, max_detections)
         out.append({"boxes": box[keep], "scores": score[keep], "labels": label[keep]})
     return out
