@@ -5,6 +5,7 @@ input from its output and recomputes the block once, and the gradients equal pla
 """
 
 from . import ode as ode
+from . import pgi as pgi
 from ._core.block import AbstractReversibleBlock as AbstractReversibleBlock
 from ._core.checks import BlockReport as BlockReport
 from ._core.checks import ReversibilityReport as ReversibilityReport

@@ -21,6 +21,7 @@ from .inputs import InputSpec
 MODEL_KWARGS: dict[str, dict[str, Any]] = {
     "classification": {"in_chans": 1, "num_classes": 10, "image_size": 8},
     "segmentation": {"in_chans": 1, "num_classes": 3, "volume": 16},
+    "detection": {"in_chans": 3, "num_classes": 4, "image_size": 64},
 }
 
 #: How each task's data set gives its examples, and what the models are trained on.

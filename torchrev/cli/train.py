@@ -92,6 +92,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="where to train; auto picks CUDA when there is a GPU",
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
+    parser.add_argument(
+        "--task", choices=("auto", "shapes-detect"), default="auto",
+        help="the data: auto is the model's own task (digits, shapes3d, or shapes-detect for "
+        "detectors such as gelan_t: generated shapes, scored by COCO mAP)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--pgi", action="store_true",
+        help="detectors: train with YOLOv9's PGI, a reversible auxiliary branch (torchrev.pgi)",
+    )  # fmt: skip
     add_out(parser, "runs/MODEL")
     parser.add_argument(
         "--resume", type=Path, default=None, metavar="RUN",
@@ -126,6 +135,10 @@ def run(args: argparse.Namespace) -> int:
     """Check everything, join the processes (under torchrun), train, report."""
     if args.tensorboard:
         require_tensorboard()  # before any folder is made
+    if _detection(args):
+        from . import detect
+
+        return detect.run(args)
     resumed = checkpoint.read(args.resume) if args.resume else None
     if resumed:
         checkpoint.require_resumable(resumed)
@@ -223,6 +236,17 @@ def _run(
     kinds = (BEST_SHARDED, LAST_SHARDED) if processes.sharded else (BEST, LAST)
     say(f"checkpoints ({', '.join(kinds)}), {METRICS}, {CURVES} and {SUMMARY} in {out}")
     return 0
+
+
+def _detection(args: argparse.Namespace) -> bool:
+    """Whether the run is a detection run; --task and --pgi checked against the model."""
+    name = args.model or "revnet38"
+    detector = model_info(name).task == "detection" if name in list_models() else False
+    if args.task == "shapes-detect" and not detector:
+        raise CliError(f"--task shapes-detect needs a detector (gelan_t); {name} is not one")
+    if args.pgi and not detector:
+        raise CliError(f"--pgi applies to detectors (gelan_t); {name} is not one")
+    return detector
 
 
 def _restore(resumed: Checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:

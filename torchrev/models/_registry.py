@@ -11,7 +11,7 @@ from torch import nn
 
 from .._core.fit import set_memory_budget
 
-Task = Literal["classification", "segmentation"]
+Task = Literal["classification", "segmentation", "detection"]
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -75,14 +76,23 @@ class Column(AbstractReversibleBlock):
     :math:`c_{l+1}` still the previous column's (:math:`c_{-1}` is the stem). The inverse runs
     top down and divides by :math:`\alpha_l`, a learnable per-channel scale initialised to 0.5
     and kept at least ``1e-3`` in magnitude (sign kept) on every forward.
+
+    ``level`` builds each level's branch from ``(lower, width, upper, blocks, drop_path)``
+    (:class:`Level` by default; PGI's auxiliary columns add side inputs to it).
     """
 
-    def __init__(self, widths: tuple[int, ...], blocks: tuple[int, ...], drop_path: float) -> None:
+    def __init__(
+        self,
+        widths: tuple[int, ...],
+        blocks: tuple[int, ...],
+        drop_path: float,
+        level: Callable[..., Level] = Level,
+    ) -> None:
         super().__init__()
         n, dp = len(widths), drop_path
         lowers = (None, *widths[:-1])
         self.levels = nn.ModuleList(
-            Level(lowers[i], widths[i], widths[i + 1] if i + 1 < n else None, blocks[i], dp)
+            level(lowers[i], widths[i], widths[i + 1] if i + 1 < n else None, blocks[i], dp)
             for i in range(n)
         )
         self.alpha = nn.ParameterList(nn.Parameter(torch.full((1, w, 1, 1), 0.5)) for w in widths)
