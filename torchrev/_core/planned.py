@@ -4,7 +4,8 @@ directly between them (kept blocks under plain autograd, checkpointed ones under
 
 NOTE [planned gradients]: a kept block is plain autograd and a checkpointed one recomputes its
 forward under the RNG and autocast state of the first run (non-reentrant checkpointing with
-``preserve_rng_state``), on copies of its buffers so that batch-norm statistics are updated once;
+``preserve_rng_state``), on copies of the buffer values its forward read, so that batch-norm
+statistics are updated once and a buffer read before its update is read as it was;
 each run of reversed blocks is one engine call with the stack's resolved exactness, whose
 gradients equal plain autograd's as the whole stack's do. So every plan computes plain
 autograd's gradients, bit for bit where the stack reverses exactly.
@@ -13,7 +14,7 @@ autograd's gradients, bit for bit where the stack reverses exactly.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .plan import Choice
+from .state import BufferWatch, Written, buffers_preserved
 
 if TYPE_CHECKING:
     from .sequence import ReversibleSequential
@@ -60,7 +62,31 @@ def run_plan(
 
 
 def _copies_of(block: nn.Module) -> Callable[[], tuple[Any, Any]]:
-    return lambda: (nullcontext(), _buffer_copies(block))
+    """``checkpoint``'s ``context_fn`` for ``block``: the forward notes the buffers it wrote
+    and their values before it; the recomputation reads copies of those values (NOTE [buffer
+    replay] in state.py: spectral_norm's vectors) and writes nothing the forward wrote."""
+    owners = tuple(m for m in block.modules() if m._buffers)
+
+    def contexts() -> tuple[Any, Any]:
+        written: list[tuple[Written, ...]] = [()]
+
+        @contextmanager
+        def forward() -> Iterator[None]:
+            watch = BufferWatch.start(owners)
+            try:
+                yield
+            finally:
+                written[0] = watch.written()
+
+        return forward(), _replayed(written)
+
+    return contexts
+
+
+@contextmanager
+def _replayed(written: list[tuple[Written, ...]]) -> Iterator[None]:
+    with buffers_preserved(written[0]):
+        yield
 
 
 @contextmanager
