@@ -52,7 +52,7 @@ _UNET = Recipe(
 # takes about a minute on two shared cores: AdamW at 2e-3 from scratch, 3 epochs.
 _GELAN = Recipe(
     3, 32, 2e-3, 5e-4, model_kwargs={"widths": (8, 16, 16, 24, 32)},
-    note="shapes-detect (generated), mAP; --pgi adds PGI",
+    note="generated shapes, mAP; --pgi",
 )  # fmt: skip
 
 RECIPES: dict[str, Recipe] = {
