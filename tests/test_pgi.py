@@ -211,7 +211,7 @@ def test_train_shapes_detect_writes_the_run_folder(tmp_path, monkeypatch, capsys
     assert names | {"predictions.png", "metrics.json"} <= {p.name for p in tmp_path.iterdir()}
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert 0 <= metrics["test_map50"] <= 1 and 0 <= metrics["test_map"] <= metrics["test_map50"]
-    assert isinstance(torchrev.load_checkpoint(tmp_path / "best.safetensors"), GELANPGI)
+    assert isinstance(torchrev.load_checkpoint(tmp_path / "best.safetensors").model, GELANPGI)
     assert "mAP@0.5" in capsys.readouterr().out
 
 

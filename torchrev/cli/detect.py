@@ -27,6 +27,7 @@ from .errors import CliError
 from .logs import CURVES, METRICS, RunLog
 from .loop import RunConfig, learning_rate
 from .outdir import choose_out
+from .tasks import INPUTS
 
 TASK = "shapes-detect"
 PREDICTIONS = "predictions.png"
@@ -135,11 +136,10 @@ def run(args: argparse.Namespace) -> int:
     )
     log = RunLog(out, title, "map50")
     document = {
-        "model": config.model,
-        "model_kwargs": config.model_kwargs,
         "config": asdict(config),
         "strategy": None,
         "task": TASK,
+        "input": asdict(INPUTS["detection"]),
     }
     state = _fit(model, data, config, out, log, document)
     best = checkpoint.load_checkpoint(out / "best.safetensors")

@@ -35,6 +35,9 @@ INPUTS: dict[str, InputSpec] = {
     "segmentation": InputSpec(
         "torchrev.data.make_shapes3d(...)[0]: (N, 1, D, H, W)", 1.0, 0.0, add_channel=False
     ),
+    "detection": InputSpec(
+        "torchrev.data.make_shapes_detect(...)[0]: (N, 3, H, W)", 1.0, 0.0, add_channel=False
+    ),
 }
 
 
