@@ -278,8 +278,11 @@ class _Step:
             with torch.set_grad_enabled(grad), replay, self.call.modes.replayed():
                 leaves = [s.detach().requires_grad_(w) for s, w in zip(sources, want_sources)]
                 # The branch sees non-leaf views: module hooks that watch their inputs'
-                # gradients (torch's ModuleTracker, FlopCounterMode) reject leaves here.
-                views = [s.view_as(s) if w else s for s, w in zip(leaves, want_sources)]
+                # gradients (torch's ModuleTracker, FlopCounterMode) reject leaves here. An
+                # alias (``s[...]``), not ``view_as``, which may renumber the strides of size-1
+                # dimensions: kernels pick their algorithm from strides (a channels-last batch
+                # of one), and the recomputation must round as its forward did.
+                views = [s[...] if w else s for s, w in zip(leaves, want_sources)]
                 h, targets = self._recompute_branch(views, kwargs, targets)
                 self.verify_recomputed(h)
                 # A pure step's forward saw no mode, so none is replayed here either (NOTE
