@@ -158,7 +158,7 @@ def test_nested_reversible_stacks():
 
 def test_public_autograd_grad_path_gives_the_same_gradients(monkeypatch):
     # NOTE [engine call]: without torch's inner call the engine uses torch.autograd.grad.
-    monkeypatch.setattr(torchrev._core.function, "_engine_run_backward", None)
+    monkeypatch.setattr(torchrev._core.grad, "_engine_run_backward", None)
     calls = []
     public = torch.autograd.grad
     monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: calls.append(1) or public(*a, **k))

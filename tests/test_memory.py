@@ -126,7 +126,7 @@ def test_a_branch_output_is_freed_before_its_backward_as_in_plain_autograd(
 ):
     """The engine differentiates a branch from its output's gradient edge, not the output;
     where autograd.grad takes no edges (torch before 2.5) it keeps the output instead."""
-    monkeypatch.setattr(torchrev._core.function, "EDGE_OUTPUTS", edges)
+    monkeypatch.setattr(torchrev._core.recompute, "EDGE_OUTPUTS", edges)
     torch.manual_seed(0)
     f, g = mlp(8), mlp(8)
     block = torchrev.ScaledCoupling(

@@ -7,7 +7,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 import torchrev
-import torchrev._core.function as engine
+import torchrev._core.recompute as recompute
+import torchrev._core.step as engine
 from tests.helpers import F64, compare_with_plain, mlp, streams
 from torchrev._core.purity import pure_layers
 
@@ -116,7 +117,7 @@ def pure_stack(depth: int, dropout_in_g: bool = False) -> torchrev.ReversibleSeq
 def counting(monkeypatch) -> dict[str, int]:
     """Count the engine's RNG captures and closure walks."""
     counts = {"captures": 0, "walks": 0}
-    capture, check = engine.RngState.capture, engine.check_tracked
+    capture, check = engine.RngState.capture, recompute.check_tracked
 
     def counted_capture(device):
         counts["captures"] += 1
@@ -127,7 +128,7 @@ def counting(monkeypatch) -> dict[str, int]:
         return check(*args)
 
     monkeypatch.setattr(engine.RngState, "capture", counted_capture)
-    monkeypatch.setattr(engine, "check_tracked", counted_check)
+    monkeypatch.setattr(recompute, "check_tracked", counted_check)
     return counts
 
 

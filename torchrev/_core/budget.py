@@ -202,6 +202,9 @@ def fit(
     def measure(choices: Sequence[tuple[Choice, ...]]) -> int:
         return math.ceil(raw(choices) * (1 + HEADROOM))
 
+    # A warm-up: the first call of an exact stack sizes its corrections to the data, later
+    # calls to the room planned from it (NOTE [planned capacities]), and those are measured.
+    raw(choices_of(sizes, []))
     floor = measure(choices_of(sizes, []))
     everything = [("keep",) * n for n in sizes]
     plain = measure(everything) if isinstance(budget, float) else None

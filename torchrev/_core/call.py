@@ -15,6 +15,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from .errors import ReversibilityWarning
 from .state import AutocastState, FunctionModes, RngState
 from .tape import Tape
+from .widths import plans_ahead
 
 if TYPE_CHECKING:
     from .block import AbstractReversibleBlock
@@ -34,7 +35,6 @@ class Trace:
     #: How far each step's float inverse, given the forward's own values, misses its input,
     #: relative to the step's largest value: rounding, unless the inverse is wrong.
     inverse_error: dict[int, list[float]] = field(default_factory=dict)
-
 
     def record_step(
         self,
@@ -105,6 +105,13 @@ class Call:
         self.sharding: Sharding | None = None  # NOTE [sharded units]
         self.anchor: Tensor | None = None  # makes a step with only FSDP2 parameters need grad
         self.overlap: Overlap | None = None  # NOTE [overlapped rebuilds]
+        # NOTE [planned capacities]: whether exact corrections are planned ahead; then the
+        # steps in forward order, those whose statistics the backward reads first, and the
+        # stack's input (weak references: a step refers to its call).
+        self.ahead = bool(exact) and plans_ahead(device)
+        self.steps: list[weakref.ref[Any]] = []
+        self.planned: list[weakref.ref[Any]] = []
+        self.inputs: tuple[Tensor, ...] | None = None
 
     def kwargs(self, tensors: Sequence[Tensor]) -> dict[str, Any]:
         """The call's keyword arguments with ``tensors`` in place of its tensors."""
@@ -140,7 +147,7 @@ _WARNED: weakref.WeakSet[AbstractReversibleBlock] = weakref.WeakSet()
 
 
 def warn_full_width(
-    block: AbstractReversibleBlock, block_index: int, index: int, nbytes: int, x: Tensor
+    block: AbstractReversibleBlock, block_index: int, index: int, nbytes: int, numel: int
 ) -> None:
     """Once per block: most of a step's corrections needed the stream type's full width, so
     its inverse misses by far more than rounding (a wrong ``revert``, or a block so badly
@@ -148,7 +155,7 @@ def warn_full_width(
     if block in _WARNED:
         return
     _WARNED.add(block)
-    bits = 8 * nbytes / max(1, x.numel())
+    bits = 8 * nbytes / max(1, numel)
     warnings.warn(
         f"block {block_index} ({type(block).__name__}, step {index}) stores {bits:.1f} bits "
         f"per element for exact reversal, as much as keeping its input: its inverse misses by "

@@ -18,11 +18,13 @@ where ``bits`` reads a float's B-bit pattern as a signed integer. The backward r
 step is then rebuilt bit-identically, the recomputed branches see the forward's inputs, and
 the gradients are plain autograd's on the same forward. ``c`` is mostly 0 or a few ulps, so
 :class:`Correction` stores it as a cascade: a narrow code (2, 4, 8 or 16 bits) for every
-element, wider codes for the few that do not fit, full bits for the fewest; the widths are
-planned per step on a sample. Two plans, one trade-off between memory and time:
-``exact=True`` stores where the first code's escapes are, so the backward never searches for
-them, and keeps to a first code of 4 bits or more and two levels at most (a 2-bit code takes
-four passes to unpack); ``exact="compact"`` stores no position, searches the codes again in
+element, wider codes for the few that do not fit, full bits for the fewest; the widths and
+sizes of the levels are chosen from the data, or on accelerators planned from the step's
+previous calls so that nothing waits for the device (NOTE [planned capacities]). Two
+plans, one trade-off between memory and time: ``exact=True`` stores where the first code's
+escapes are, so the backward never searches for them, and keeps to a first code of 4 bits or
+more and two levels at most (a 2-bit code takes four passes to unpack); ``exact="compact"``
+stores no position, searches the codes again in
 backward, and so can afford a 2-bit first code and more levels. Measured per stream element
 per step (``tests/test_exact.py``, ``benchmarks/engine.py``): 4.2 to 4.9 bits (compact 2.2 to
 2.7) for additive, momentum, affine and float16 steps, 6.4 (compact 4.0) for scales of 0.1,
@@ -42,7 +44,6 @@ NOTE [recomputation checksum] (:mod:`.fingerprint`) checks on every step.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
@@ -51,15 +52,12 @@ from torch import Tensor
 
 from .block import AbstractReversibleBlock
 from .fingerprint import BITS
+from .widths import Levels, StepPlanner, candidate_widths, choose_widths, planner, sample_misses
 
 Exact = bool | Literal["auto", "compact"]
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
-#: Widths the codes of a correction's levels may take, below the full width of the stream's type.
-CODE_WIDTHS = (2, 4, 8, 16)
 _STORE = {8: torch.int8, 16: torch.int16}
-#: What a further level must save, in bits per element of the stream, to be worth its passes.
-LEVEL_COST = 0.25
 
 
 def resolve(
@@ -105,8 +103,10 @@ class Correction:
     Level 0 holds a ``w0``-bit code for every element. Where a difference does not fit, the
     code holds its one reserved value, ``-2^(w0-1)``, and the difference goes on to level 1,
     which codes only those, in order, in ``w1 > w0`` bits; and so on, up to a last level that
-    holds what is left at the stream type's full width. The widths are chosen per step on a
-    sample of the differences (:func:`_plan`).
+    holds what is left at the stream type's full width. Each level after the first has a fixed
+    number of slots, planned from earlier calls (NOTE [planned capacities]), so that nothing in
+    the forward or backward reads the device; slots the data leaves unused hold the reserved
+    value of the level above, which decodes to "add nothing to element 0".
 
     Trade-off: the backward must know where level 0's escapes are. ``compact=False`` (what
     ``exact=True`` and ``"auto"`` use) stores their positions (32 bits each), so the planner
@@ -116,40 +116,58 @@ class Correction:
     escapes pays: about half the bits, for a few more passes over the stream per step.
     """
 
-    __slots__ = ("counts", "index", "levels", "widths")
+    __slots__ = ("index", "levels", "sizes", "stats", "widths")
 
     def __init__(
         self,
         levels: Sequence[Tensor],
         widths: Sequence[int],
-        counts: Sequence[int],
+        sizes: Sequence[int],
         index: Tensor | None,
+        stats: Tensor | None,
     ) -> None:
-        self.levels, self.widths, self.counts = tuple(levels), tuple(widths), tuple(counts)
+        self.levels, self.widths, self.sizes = tuple(levels), tuple(widths), tuple(sizes)
         self.index = index
+        #: On the device: the sample's misses per width, its size, and each level's escapes;
+        #: what plans the next call (NOTE [planned capacities]), None where none is planned.
+        self.stats: Tensor | None = stats
 
     @classmethod
-    def between(cls, x: Tensor, rebuilt: Tensor, compact: bool = False) -> Correction:
+    def between(
+        cls, x: Tensor, rebuilt: Tensor, compact: bool = False, layout: Levels | None = None
+    ) -> Correction:
         """What turns ``rebuilt`` back into ``x`` (same shape and float type); overwrites
-        ``rebuilt``."""
+        ``rebuilt``. ``layout`` plans the levels ahead; without one they are sized from the
+        data, which reads the device once per level (NOTE [planned capacities])."""
         int_type = BITS[x.dtype]
         diff = rebuilt.view(int_type)
         torch.sub(x.view(int_type), diff, out=diff)
         diff = diff.reshape(-1)
-        plan = _plan(diff, torch.iinfo(int_type).bits, compact)
-        widths = tuple(width for width, _ in plan)
-        levels, counts, index = [], [], None
-        for width, fraction in plan:
-            counts.append(diff.numel())
-            codes, escapes = _encode(diff, width, fraction)
+        full = torch.iinfo(int_type).bits
+        stats = [sample_misses(diff, full)]
+        if layout is None:
+            reach = dict(zip(candidate_widths(full), _fractions(stats[0].tolist())))
+            widths, capacities = choose_widths(reach, full, compact), None
+        else:
+            widths, capacities = layout.widths, layout.capacities
+        levels, sizes, index = [], [], None
+        for level, width in enumerate(widths):
+            sizes.append(diff.numel())
+            room = None if capacities is None else capacities[level]
+            codes, escapes, count = _encode(diff, width, room)
             if index is None and not compact:
                 small = torch.int32 if diff.numel() < 2**31 else torch.int64
                 index = escapes.to(small)
             levels.append(codes)
-            diff = diff.take(escapes)
-        counts.append(diff.numel())
+            stats.append(count.view(1).to(torch.int32))
+            if room is None:
+                diff = diff.take(escapes)  # exactly as many as escaped
+            else:  # unused slots decode to "add nothing" (see the class)
+                valid = torch.arange(escapes.numel(), device=diff.device) < count
+                diff = diff.take(escapes).masked_fill_(~valid, -(1 << (width - 1)))
+        sizes.append(diff.numel())
         levels.append(diff if widths else diff.clone())  # not a view of the caller's buffer
-        return cls(levels, widths, counts, index)
+        return cls(levels, widths, sizes, index, torch.cat(stats))
 
     def apply_(self, rebuilt: Tensor) -> Tensor:
         """Turn ``rebuilt`` into the ``x`` it was recorded against, in place; return it."""
@@ -157,7 +175,7 @@ class Correction:
         if not self.widths:
             bits.add_(self.levels[0].view(bits.shape))
             return rebuilt
-        codes = _unpack(self.levels[0], self.widths[0], self.counts[0])
+        codes = _unpack(self.levels[0], self.widths[0], self.sizes[0])
         bits.add_(codes.view(bits.shape))  # the narrow codes as they are: no widening copy
         sentinel = -(1 << (self.widths[0] - 1))  # what each escape just received instead
         escapes = self._escapes(0, codes) if self.index is None else self.index.long()
@@ -165,17 +183,24 @@ class Correction:
         return rebuilt
 
     def _escapes(self, level: int, codes: Tensor) -> Tensor:
-        fraction = self.counts[level + 1] / max(1, self.counts[level])
-        return _find(codes, -(1 << (self.widths[level] - 1)), fraction=fraction)
+        """Where ``level``'s codes hold the reserved value, in order, padded with 0."""
+        sentinel = -(1 << (self.widths[level] - 1))
+        return _positions(codes == sentinel, self.sizes[level + 1])
 
     def _decode(self, level: int, int_type: torch.dtype) -> Tensor:
         """The differences that ``level`` and the levels after it hold, one per code, as a
         new tensor."""
         if level == len(self.widths):
             return self.levels[level].clone()
-        codes = _unpack(self.levels[level], self.widths[level], self.counts[level])
-        deeper = self._decode(level + 1, int_type)
-        return codes.to(int_type, copy=True).index_copy_(0, self._escapes(level, codes), deeper)
+        codes = _unpack(self.levels[level], self.widths[level], self.sizes[level])
+        deeper = self._decode(level + 1, int_type).sub_(-(1 << (self.widths[level] - 1)))
+        wide = codes.to(int_type, copy=True)
+        return wide.put_(self._escapes(level, codes), deeper, accumulate=True)
+
+    @property
+    def layout(self) -> Levels:
+        """The widths and the slots of each level after the first."""
+        return Levels(self.widths, self.sizes[1:])
 
     @property
     def nbytes(self) -> int:
@@ -183,78 +208,36 @@ class Correction:
 
     @property
     def mostly_full_width(self) -> bool:
-        """Whether most differences needed the stream type's full width (the last level)."""
-        return self.counts[-1] > self.counts[0] / 2
+        """Whether most differences needed the stream type's full width (the last level), for
+        a correction sized from its data, whose sizes are its escape counts."""
+        return self.sizes[-1] > self.sizes[0] / 2
 
 
-def _plan(
-    diff: Tensor, full: int, compact: bool, samples: int = 4096
-) -> tuple[tuple[int, float], ...]:
-    """The widths of the levels that store the fewest bits, judged on about ``samples``
-    evenly spaced differences: ``w0`` bits for every element, ``w1`` for each that does not
-    fit ``w0`` (and 32 for its position unless ``compact``), ..., ``full`` for each that fits
-    none, and :data:`LEVEL_COST` per level; unless ``compact``, only plans of one or two levels
-    whose first code has 4 bits or more (fewer passes). Each width comes with the fraction of
-    its level's codes the sample says will escape."""
-    sample = diff[:: max(1, diff.numel() // samples)]
-    magnitude = sample.abs()
-    magnitude[magnitude < 0] = torch.iinfo(diff.dtype).max  # abs of the most negative value
-    widths = [w for w in CODE_WIDTHS if w < full]
-    thresholds = torch.tensor([1 << (w - 1) for w in widths], device=diff.device)
-    misses = (magnitude.unsqueeze(1) >= thresholds.to(diff.dtype)).sum(0).tolist()
-    reach = {w: m / max(1, sample.numel()) for w, m in zip(widths, misses)}
-    best: tuple[float, tuple[int, ...]] = (float(full), ())
-    for k in range(1, len(widths) + 1):
-        for chosen in itertools.combinations(widths, k):
-            if not compact and (chosen[0] < 4 or k > 2):
-                continue  # four passes to unpack 2-bit codes, and one more per level
-            wider = (*chosen[1:], full)
-            cost = chosen[0] + sum(reach[w] * v + LEVEL_COST for w, v in zip(chosen, wider))
-            best = min(best, (cost + (0 if compact else 32 * reach[chosen[0]]), chosen))
-    chosen = best[1]
-    above = (1.0, *(reach[w] for w in chosen))  # what reaches each level
-    return tuple((w, reach[w] / max(a, 1e-9)) for w, a in zip(chosen, above))
+def _fractions(values: list[float]) -> list[float]:
+    """The misses of :func:`sample_misses` as fractions of the sample."""
+    *misses, size = values
+    return [m / max(1.0, size) for m in misses]
 
 
-def _encode(diff: Tensor, width: int, fraction: float) -> tuple[Tensor, Tensor]:
-    """``width``-bit codes of the 1-D ``diff``, packed, and the positions of those that do not
-    fit (coded as ``-2^(w-1)``), in order; about ``fraction`` of them do not."""
+def _encode(diff: Tensor, width: int, room: int | None) -> tuple[Tensor, Tensor, Tensor]:
+    """``width``-bit codes of the 1-D ``diff``, packed; the positions of those that do not fit
+    (coded as ``-2^(w-1)``), in order, in ``room`` slots padded with 0 (as many as there are
+    when ``room`` is None, which reads the device); and how many there are, on the device."""
     half = 1 << (width - 1)
     narrow = diff.clamp(-half, half).to(_STORE[max(8, width)])  # +-half wrap to -half
     if width < 8:
         narrow = narrow.view(torch.uint8).bitwise_and_((1 << width) - 1)
-    escapes = _find(narrow, half if width < 8 else -half, width < 8, fraction)
-    return _pack(narrow, width), escapes
+    escaped = narrow == (half if width < 8 else -half)
+    count = escaped.sum()
+    if room is None:  # a warm-up call: NOTE [planned capacities]
+        room = int(count)
+    return _pack(narrow, width), _positions(escaped, room), count
 
 
-def _find(narrow: Tensor, value: int, small: bool = False, fraction: float = 0.0) -> Tensor:
-    """Positions of ``value`` in a 1-D tensor of 8-, 16- or 32-bit integers, in order;
-    ``small``: every entry is below its lane's top bit (codes of under 8 bits in bytes);
-    ``fraction``: about what fraction of the entries match.
-
-    Where few match, the search reads 64 bits at a time as one word, keeps the words that
-    hold a matching lane (the classic "has a zero lane" test on ``word ^ value``, exact for
-    the word as a whole, and one operation shorter when no lane has its top bit set) and only
-    compares lanes inside those. Where a third of the words or more would hold one (a 2-bit
-    first code escapes often), comparing every entry at once is faster.
-    """
-    lane = narrow.element_size() * 8
-    per_word = 64 // lane
-    n = narrow.numel()
-    if lane == 64 or n % per_word or n < 1024 or fraction * per_word > 1 / 3:
-        return (narrow == value).nonzero().squeeze(1)
-    ones = sum(1 << (lane * k) for k in range(per_word))
-    pattern = (value & ((1 << lane) - 1)) * ones
-    words = narrow.view(torch.int64) ^ _signed64(pattern)
-    borrows = (words - _signed64(ones)).bitwise_and_(_signed64(ones << (lane - 1)))
-    hits = (borrows if small else borrows.bitwise_and_(~words)).nonzero().squeeze(1)
-    inside = (narrow.view(-1, per_word)[hits] == value).nonzero()
-    return hits[inside[:, 0]] * per_word + inside[:, 1]
-
-
-def _signed64(value: int) -> int:
-    """A 64-bit pattern as the signed integer an int64 tensor holds."""
-    return value - (1 << 64) if value >= 1 << 63 else value
+def _positions(mask: Tensor, room: int) -> Tensor:
+    """The positions of ``mask``'s true entries, in order, in ``room`` slots padded with 0,
+    without reading the device (``nonzero`` would, to size its output)."""
+    return torch.nonzero_static(mask, size=room, fill_value=0).squeeze(1)
 
 
 def _pack(narrow: Tensor, width: int) -> Tensor:
@@ -286,10 +269,12 @@ def _unpack(codes: Tensor, width: int, count: int) -> Tensor:
 
 
 class ExactStep(NamedTuple):
-    """What a step stores to be reverted exactly: its correction and its input's dtype."""
+    """What a step stores to be reverted exactly: its correction, its input's dtype, and the
+    planner that sized it (NOTE [planned capacities])."""
 
     correction: Correction
     dtype: torch.dtype  # the input's: an update may promote (bf16 stream, float32 scale)
+    planner: StepPlanner
 
     @classmethod
     def record(
@@ -300,16 +285,36 @@ class ExactStep(NamedTuple):
         h: Tensor,
         y: Tensor,
         compact: bool = False,
+        ahead: bool = False,
     ) -> ExactStep:
-        """After the forward's ``y = block.update(x, h, step)``."""
+        """After the forward's ``y = block.update(x, h, step)``; ``ahead``: with the layout
+        the step's planner plans, keeping what plans the next call (NOTE [planned
+        capacities]), rather than sized from the data."""
         rebuilt = block.revert(y, h, step).to(x.dtype)
-        return cls(Correction.between(x, rebuilt, compact), x.dtype)
+        full = torch.iinfo(BITS[x.dtype]).bits
+        plans = planner(block, step, x.dtype, full, compact)
+        layout = plans.plan(x.numel()) if ahead else None
+        correction = Correction.between(x, rebuilt, compact, layout)
+        if not ahead:
+            correction.stats = None
+        return cls(correction, x.dtype, plans)
 
     def rebuild(self, block: AbstractReversibleBlock, step: int, y: Tensor, h: Tensor) -> Tensor:
         """The ``x`` that :meth:`record` saw, from ``y`` and the recomputed ``h`` (whose
         checksum the caller compared: NOTE [recomputation checksum]): the same ``revert`` call
         as the forward's (not ``revert_``, which may round differently), then the correction."""
         return self.correction.apply_(block.revert(y, h, step).to(self.dtype))
+
+    def settle(self, values: list[float]) -> tuple[tuple[int, int, int] | None, bool]:
+        """Plan the next call from this one's statistics (``correction.stats``, read); return
+        the level that overflowed with its count and room, if any, and whether most
+        differences needed the stream type's full width (the inverse misses by more than
+        rounding)."""
+        layout, n = self.correction.layout, self.correction.sizes[0]
+        level = self.planner.update(values, layout, n)
+        counts = values[len(candidate_widths(self.planner.full)) + 1 :]
+        overflow = None if level is None else (level, int(counts[level]), layout.capacities[level])
+        return overflow, (counts[-1] if counts else n) > n / 2
 
     @property
     def nbytes(self) -> int:

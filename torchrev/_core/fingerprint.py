@@ -23,8 +23,12 @@ scalar or two, no activations) and the backward compares the recomputation's wit
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
+
+from .errors import recomputed_differently_message
 
 #: The integer type whose bits each float type is read as.
 BITS = {
@@ -64,3 +68,15 @@ def differs(expected: Tensor, h: Tensor, exact: bool) -> Tensor:
     tolerance = eps**0.5 * expected[1].abs()
     close = torch.isclose(got, expected, rtol=0.0, atol=0.0, equal_nan=True)
     return ~(close | ((got - expected).abs() <= tolerance)).all()
+
+
+def mismatch_report(
+    name: str, expected: Tensor, h: Tensor, exact: bool
+) -> tuple[Tensor, Callable[[list[float]], str | None]]:
+    """Whether the recomputed ``h`` of branch ``name`` differs from its forward's, on the
+    device, and what reads it when the backward ends (NOTE [one read per backward])."""
+
+    def read(values: list[float]) -> str | None:
+        return recomputed_differently_message(name) if values[0] else None
+
+    return differs(expected, h, exact), read

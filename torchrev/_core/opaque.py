@@ -39,7 +39,8 @@ from torch import Tensor
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
-from .function import EDGE_OUTPUTS
+from .grad import EDGE_OUTPUTS
+from .state import host_bytes
 
 __all__ = ["AVAILABLE", "opaque_call"]
 
@@ -219,7 +220,7 @@ def _stack_call_backward(
     """The gradients of the streams, of the kwargs' tensors that require grad, and of the
     parameters; zeros where none reached them (a custom operator returns tensors only)."""
     site = _SITES[site_number]
-    run = _RUNS[int(handle.item())]
+    run = _RUNS[int.from_bytes(host_bytes(handle), "little", signed=True)]  # NOTE [host reads]
     run.grads.clear()
     wrt = [run.anchor, *_trained(site.live_stack())]
     with _eager():

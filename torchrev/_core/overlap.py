@@ -23,23 +23,36 @@ an odd or even number of blocks, or steps, changes nothing; the published code p
 stream by ``len(layers) - 1 % 2`` and went wrong at odd depth. Tensors made on one stream and
 read on the other are marked with ``record_stream`` so the caching allocator cannot reuse their
 memory early. The recomputation checksums are compared on the device and
-read once, at the end of the stack's backward (Tape.check_recomputed).
+read once, at the end of the stack's backward (Tape.settle).
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from .errors import ReversibilityError
-from .fingerprint import differs
-from .state import buffers_preserved
+from .fingerprint import mismatch_report
+from .recover import replayed_branch
 
 if TYPE_CHECKING:
     from .call import Call
+
+
+#: One side stream per device, for every call: a fresh stream per call (torch hands them out
+#: round-robin from a pool) would make every call's memory that ``record_stream`` marks wait on
+#: a different stream, and a CUDA-graph capture see a different stream each step.
+_SIDE_STREAMS: dict[torch.device, Any] = {}
+
+
+def _side_stream(device: torch.device) -> Any:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = torch.device(device.type, index)
+    if key not in _SIDE_STREAMS:
+        _SIDE_STREAMS[key] = torch.cuda.Stream(key)
+    return _SIDE_STREAMS[key]
 
 
 class Overlap:
@@ -47,7 +60,7 @@ class Overlap:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.side = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.side = _side_stream(device) if device.type == "cuda" else None
         self.pending: tuple[Any, Tensor, Any] | None = None  # (step, rebuilt input, event)
 
     @classmethod
@@ -98,14 +111,12 @@ class Overlap:
     def _rebuild(self, step: Any, out: Tensor, sources: list[Tensor]) -> Tensor:
         """``step``'s input from its output, under no grad and the forward's state."""
         call, block, index = step.call, step.block, step.index
-        replay = nullcontext() if step.rng is None else step.rng.replayed()
-        with torch.no_grad(), call.autocast.replayed(), replay, call.modes.replayed():
-            with buffers_preserved(step.written):
-                h = block.branch(index)(*sources, **call.kwargs(call.tensors))
-            if step.checksum is not None:
-                mismatch = differs(step.checksum, h, step.exact is not None)
-                call.tape.mismatches.append((block.branch_name(index), mismatch))
+        h = replayed_branch(step, sources)
+        if step.checksum is not None:
+            name, exact = block.branch_name(index), step.exact is not None
+            call.tape.report(*mismatch_report(name, step.checksum, h, exact))
+        with torch.no_grad(), call.autocast.replayed():
             inp = block.revert(out, h, index)
-            if step.exact is None:
-                return inp.to(step.dtype)
-            return step.exact.correction.apply_(inp.to(step.exact.dtype))
+        if step.exact is None:
+            return inp.to(step.dtype)
+        return step.exact.correction.apply_(inp.to(step.exact.dtype))

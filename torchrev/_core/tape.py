@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from .errors import SECOND_BACKWARD, ReversibilityError, recomputed_differently_message
+from .errors import SECOND_BACKWARD, ReversibilityError
+
+#: Reads a report's values (on the host at last) and returns an error message or None.
+Reader = Callable[[list[float]], "str | None"]
 
 
 class Tape:
@@ -36,8 +39,9 @@ class Tape:
         self.grads: list[Tensor | None] = [None] * n_streams
         self.shared: dict[int, Tensor] = {}
         self.keep = False  # whether the running backward keeps the graph for another
-        #: Per recomputed branch: its name, and whether it differed (on the device).
-        self.mismatches: list[tuple[str, Tensor]] = []
+        #: Values on the device that the host reads once, when the backward ends (NOTE
+        #: [one read per backward]), each with what reads it.
+        self.reports: list[tuple[Tensor, Reader]] = []
 
     def start(self, streams: Sequence[Tensor], grads: Sequence[Tensor | None], keep: bool) -> None:
         """Begin a backward from the final ``streams`` and their ``grads``. The steps rebuild
@@ -49,19 +53,30 @@ class Tape:
         self.grads = list(grads)
         self.shared = {}
         self.keep = keep
-        self.mismatches = []
 
-    def check_recomputed(self) -> None:
-        """Raise if a branch recomputed differently from its forward (NOTE [recomputation
-        checksum]). Each step compared on the device; this reads the result once, when the
-        stack's backward ends, so no step waits for the host, and before any optimizer can
-        step on the gradients."""
-        mismatches, self.mismatches = self.mismatches, []
-        if not mismatches:
+    def report(self, values: Tensor, reader: Reader) -> None:
+        """Have ``reader`` see ``values`` when the backward ends."""
+        self.reports.append((values, reader))
+
+    def settle(self) -> None:
+        """NOTE [one read per backward]: what the steps must tell the host (a recomputation
+        that differed from its forward, NOTE [recomputation checksum]; exact reversal's escape
+        counts, NOTE [planned capacities]) stays on the device until the lowest step has run,
+        and is read here in one transfer: no step waits for the host, and a fault raises
+        before any optimizer can step on the gradients. Every reader runs (they also plan the
+        next call); the first error is raised."""
+        reports, self.reports = self.reports, []
+        if not reports:
             return
-        bad = torch.stack([m for _, m in mismatches]).nonzero().flatten().tolist()
-        if bad:
-            raise ReversibilityError(recomputed_differently_message(mismatches[bad[0]][0]))
+        flat = torch.cat([v.reshape(-1).to(torch.float64) for v, _ in reports]).tolist()
+        errors, start = [], 0
+        for values, reader in reports:
+            error = reader(flat[start : start + values.numel()])
+            start += values.numel()
+            if error is not None:
+                errors.append(error)
+        if errors:
+            raise ReversibilityError(errors[0])
 
     def get(self, j: int) -> Tensor:
         value = self.values[j]
