@@ -228,3 +228,26 @@ def test_bad_settings_are_refused():
     ints = torch.ones(2, 3, dtype=torch.int64)
     with pytest.raises(ValueError, match="exact=True needs float16, bfloat16, float32 or float64"):
         torchrev.check_reversibility(stack, ints, ints)
+
+
+def test_fused_passes_give_the_eager_passes_bits(monkeypatch):
+    """The fused encode and decode (torch.compile'd, :mod:`torchrev._core.fused`) store and
+    rebuild the same bits as the eager reference, planned ahead or sized from the data."""
+    import torchrev._core.fused as fused
+    from torchrev._core.widths import Levels
+
+    torch.manual_seed(0)
+    x = torch.randn(4099)
+    h = 8 * torch.randn(4099)
+    rebuilt = (x + h) - h
+    results = []
+    for fuse in (False, True):
+        monkeypatch.setattr(fused, "FUSE", fuse)
+        for layout in (None, Levels((4, 8), (1500, 300))):  # room to spare
+            c = Correction.between(x, rebuilt.clone(), layout=layout)
+            results.append((c, c.apply_(rebuilt.clone())))
+    for (eager, back), (fast, fast_back) in zip(results[:2], results[2:]):
+        assert (eager.widths, eager.sizes) == (fast.widths, fast.sizes)
+        assert all(torch.equal(a, b) for a, b in zip(eager.levels, fast.levels))
+        assert torch.equal(eager.index, fast.index) and torch.equal(eager.stats, fast.stats)
+        assert same_bits(back, x) and same_bits(fast_back, x)

@@ -52,7 +52,16 @@ from torch import Tensor
 
 from .block import AbstractReversibleBlock
 from .fingerprint import BITS
-from .widths import Levels, StepPlanner, candidate_widths, choose_widths, planner, sample_misses
+from .fused import add_codes_, fused, narrow_codes
+from .widths import (
+    SAMPLES,
+    Levels,
+    StepPlanner,
+    candidate_widths,
+    choose_widths,
+    planner,
+    sample_misses,
+)
 
 Exact = bool | Literal["auto", "compact"]
 
@@ -140,33 +149,39 @@ class Correction:
         ``rebuilt``. ``layout`` plans the levels ahead; without one they are sized from the
         data, which reads the device once per level (NOTE [planned capacities])."""
         int_type = BITS[x.dtype]
-        diff = rebuilt.view(int_type)
-        torch.sub(x.view(int_type), diff, out=diff)
-        diff = diff.reshape(-1)
+        x_bits, r_bits = x.view(int_type).reshape(-1), rebuilt.view(int_type).reshape(-1)
         full = torch.iinfo(int_type).bits
-        stats = [sample_misses(diff, full)]
+        every = max(1, x_bits.numel() // SAMPLES)
+        stats = [sample_misses(x_bits[::every] - r_bits[::every], full)]
         if layout is None:
             reach = dict(zip(candidate_widths(full), _fractions(stats[0].tolist())))
             widths, capacities = choose_widths(reach, full, compact), None
         else:
             widths, capacities = layout.widths, layout.capacities
+        if not widths:  # every difference at full width: nothing to code
+            diff = torch.sub(x_bits, r_bits, out=r_bits).clone()
+            return cls([diff], (), (diff.numel(),), None, torch.cat(stats))
         levels, sizes, index = [], [], None
+        diff = None  # the differences the current level codes; level 0 reads the bits
         for level, width in enumerate(widths):
-            sizes.append(diff.numel())
+            sizes.append(x_bits.numel() if diff is None else diff.numel())
             room = None if capacities is None else capacities[level]
-            codes, escapes, count = _encode(diff, width, room)
+            if diff is None:
+                codes, escapes, count, values = _first_level(x_bits, r_bits, width, room)
+            else:
+                codes, escapes, count = _encode(diff, width, room)
+                values = diff.take(escapes)
             if index is None and not compact:
-                small = torch.int32 if diff.numel() < 2**31 else torch.int64
+                small = torch.int32 if sizes[0] < 2**31 else torch.int64
                 index = escapes.to(small)
             levels.append(codes)
             stats.append(count.view(1).to(torch.int32))
-            if room is None:
-                diff = diff.take(escapes)  # exactly as many as escaped
-            else:  # unused slots decode to "add nothing" (see the class)
+            diff = values  # exactly as many as escaped, or room for them
+            if room is not None:  # unused slots decode to "add nothing" (see the class)
                 valid = torch.arange(escapes.numel(), device=diff.device) < count
-                diff = diff.take(escapes).masked_fill_(~valid, -(1 << (width - 1)))
+                diff.masked_fill_(~valid, -(1 << (width - 1)))
         sizes.append(diff.numel())
-        levels.append(diff if widths else diff.clone())  # not a view of the caller's buffer
+        levels.append(diff)
         return cls(levels, widths, sizes, index, torch.cat(stats))
 
     def apply_(self, rebuilt: Tensor) -> Tensor:
@@ -175,10 +190,15 @@ class Correction:
         if not self.widths:
             bits.add_(self.levels[0].view(bits.shape))
             return rebuilt
-        codes = _unpack(self.levels[0], self.widths[0], self.sizes[0])
-        bits.add_(codes.view(bits.shape))  # the narrow codes as they are: no widening copy
+        width = self.widths[0]
+        if width < 8 and self.index is not None and fused(bits):
+            add_codes_(bits.view(-1), self.levels[0], width)
+            escapes = self.index.long()
+        else:
+            codes = _unpack(self.levels[0], width, self.sizes[0])
+            bits.add_(codes.view(bits.shape))  # the narrow codes as they are: no widening
+            escapes = self._escapes(0, codes) if self.index is None else self.index.long()
         sentinel = -(1 << (self.widths[0] - 1))  # what each escape just received instead
-        escapes = self._escapes(0, codes) if self.index is None else self.index.long()
         bits.put_(escapes, self._decode(1, bits.dtype).sub_(sentinel), accumulate=True)
         return rebuilt
 
@@ -217,6 +237,20 @@ def _fractions(values: list[float]) -> list[float]:
     """The misses of :func:`sample_misses` as fractions of the sample."""
     *misses, size = values
     return [m / max(1.0, size) for m in misses]
+
+
+def _first_level(
+    x_bits: Tensor, r_bits: Tensor, width: int, room: int | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Level 0 of ``x_bits - r_bits`` as :func:`_encode` codes it, and the escapes' values;
+    overwrites ``r_bits``. Fused, the differences are never written out (:mod:`.fused`)."""
+    if not fused(x_bits):
+        diff = torch.sub(x_bits, r_bits, out=r_bits)
+        codes, escapes, count = _encode(diff, width, room)
+        return codes, escapes, count, diff.take(escapes)
+    narrow, escaped, count = narrow_codes(x_bits, r_bits, width)
+    escapes = _positions(escaped, int(count) if room is None else room)
+    return _pack(narrow, width), escapes, count, x_bits.take(escapes) - r_bits.take(escapes)
 
 
 def _encode(diff: Tensor, width: int, room: int | None) -> tuple[Tensor, Tensor, Tensor]:

@@ -67,17 +67,16 @@ def candidate_widths(full: int) -> tuple[int, ...]:
     return tuple(w for w in CODE_WIDTHS if w < full)
 
 
-def sample_misses(diff: Tensor, full: int) -> Tensor:
-    """How many of about :data:`SAMPLES` evenly spaced differences of ``diff`` (1-D integers)
+def sample_misses(sample: Tensor, full: int) -> Tensor:
+    """How many of ``sample``'s differences (1-D integers, about :data:`SAMPLES` of them)
     do not fit each of :func:`candidate_widths`, on the device; then the sample's size."""
-    sample = diff[:: max(1, diff.numel() // SAMPLES)]
     magnitude = sample.abs()
     # abs of the most negative value is itself: it fits no width.
-    magnitude = torch.where(magnitude < 0, torch.iinfo(diff.dtype).max, magnitude)
+    magnitude = torch.where(magnitude < 0, torch.iinfo(sample.dtype).max, magnitude)
     thresholds = [1 << (w - 1) for w in candidate_widths(full)]
-    bounds = torch.tensor(thresholds, dtype=diff.dtype, device=diff.device)
+    bounds = torch.tensor(thresholds, dtype=sample.dtype, device=sample.device)
     misses = (magnitude.unsqueeze(1) >= bounds).sum(0, dtype=torch.int32)
-    size = torch.full((1,), sample.numel(), dtype=torch.int32, device=diff.device)
+    size = torch.full((1,), sample.numel(), dtype=torch.int32, device=sample.device)
     return torch.cat([misses, size])
 
 
