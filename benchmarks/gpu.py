@@ -9,10 +9,14 @@ Under bf16 autocast, for three workloads, each method's training step is measure
 
 Workloads: the engine benchmark's stack (additive couplings of Linear-GELU-Linear branches)
 with plain autograd, per-block checkpointing and torchrev in floating point and with exact
-reversal, each with and without PaReprop's overlap (``overlap=True``); RevViT-B at 224x224
+reversal, each with and without PaReprop's overlap (``overlap=True``), and compact exact
+reversal; the same stack under ``torch.compile`` (plain, float and exact); RevViT-B at 224x224
 (``torchrev.create_model("revvit_base")``), plain, checkpointed and reversible; and a
 BERT-base-sized ``BertModel`` with random weights, fully fine-tuned against MEFT1 with every
 layer reversible (exact, as MEFT's stacks are by default), with and without overlap.
+
+Host reads: how many times a training step's forward and backward read a device value on
+the host (each drains the GPU's queue), counted with ``torchrev.bench.SyncCounter``.
 
 Determinism (the premise of exact reversal): on the device, ``check_reversibility`` of an
 exact stack must rebuild every input bit for bit with the parameter gradients equal to plain
@@ -42,6 +46,7 @@ from torch.utils.checkpoint import checkpoint
 
 import torchrev
 from torchrev.bench import interleaved_times, median_ratio, training_step_peak, write_results
+from torchrev.bench.syncs import SyncCounter
 
 RESULTS = Path(__file__).parent / "results"
 MiB = 2**20
@@ -90,7 +95,7 @@ def engine_stack(size: dict, method: str) -> nn.Module:
     stack = torchrev.ReversibleSequential(
         *blocks,
         reversible=method != "plain autograd",
-        exact="exact" in method,
+        exact="compact" if "compact" in method else "exact" in method,
         overlap="overlap" in method,
     )
     return torchrev.ReversibleStage(stack, torchrev.Split(1), torchrev.Concat(1))
@@ -157,11 +162,47 @@ def measure(
 def engine_rows(size: dict, args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device)
     methods = ["plain autograd", "checkpoint", "torchrev", "torchrev overlap"]
-    methods += ["torchrev exact", "torchrev exact overlap"]
+    methods += ["torchrev exact", "torchrev exact overlap", "torchrev compact"]
     models = {m: engine_stack(size, m).to(device) for m in methods}
     x = torch.randn(size["batch"], 2 * size["width"], device=device, requires_grad=True)
     workload = f"engine w{size['width']} L{size['depth']}"
     return measure(workload, models, {"x": x}, size["batch"], args)
+
+
+def compiled_rows(size: dict, args: argparse.Namespace) -> list[dict]:
+    """The engine stack under torch.compile (the stack one operator, NOTE [compile]), timed
+    against compiled plain autograd."""
+    device = torch.device(args.device)
+    methods = ["plain autograd", "torchrev", "torchrev exact"]
+    # Inductor on CUDA; aot_eager elsewhere, to check the script without a C++ build per model.
+    backend = "inductor" if device.type == "cuda" else "aot_eager"
+    models = {m: torch.compile(engine_stack(size, m).to(device), backend=backend) for m in methods}
+    x = torch.randn(size["batch"], 2 * size["width"], device=device, requires_grad=True)
+    workload = f"compiled engine w{size['width']} L{size['depth']}"
+    return measure(workload, models, {"x": x}, size["batch"], args)
+
+
+def sync_rows(size: dict, args: argparse.Namespace) -> list[dict]:
+    """Host reads of device values in a training step's forward and backward (from the third
+    step: the first sizes exact corrections from the data), counted through the dispatcher."""
+    device = torch.device(args.device)
+    small = {**size, "batch": min(size["batch"], 256)}
+    x = torch.randn(small["batch"], 2 * small["width"], device=device, requires_grad=True)
+    rows = []
+    methods = ["torchrev", "torchrev exact", "torchrev compact", "torchrev exact overlap"]
+    for method in methods:
+        model = engine_stack(small, method).to(device)
+        for _ in range(3):
+            forward, backward = SyncCounter(device), SyncCounter(device)
+            with forward, torch.autocast(device.type, dtype=torch.bfloat16):
+                loss = model(x).float().square().mean()
+            with backward:
+                loss.backward()
+        row = {"workload": "host reads per step", "method": method}
+        row |= {"forward_reads": forward.total, "backward_reads": backward.total}
+        rows.append(row)
+        print(f"host reads  {method:<28} forward {forward.total}  backward {backward.total}")
+    return rows
 
 
 def vit_rows(size: dict, args: argparse.Namespace) -> list[dict]:
@@ -237,6 +278,9 @@ def table(rows: list[dict]) -> str:
             f"| {r['workload']} | {r['method']} | {r['batch']} | {r['peak_mib']:.1f} | "
             f"{r['samples_per_s']:.1f} | {r['time_ratio']:.2f}x |"
         )
+    lines += ["", "| host reads per training step | forward | backward |", "|---|---|---|"]
+    for r in (r for r in rows if "forward_reads" in r):
+        lines.append(f"| {r['method']} | {r['forward_reads']} | {r['backward_reads']} |")
     lines += ["", "| determinism check | result |", "|---|---|"]
     for r in (r for r in rows if "check" in r):
         lines.append(f"| {r['check']} | {'passed' if r['passed'] else 'FAILED: ' + r['detail']} |")
@@ -263,7 +307,9 @@ def main(argv: list[str] | None = None) -> None:
     start, rows = time.monotonic(), []
     for name, part in (
         ("determinism", determinism_rows),
+        ("host reads", sync_rows),
         ("engine stack", engine_rows),
+        ("compiled engine stack", compiled_rows),
         ("RevViT-B", vit_rows),
         ("BERT-base MEFT", bert_rows),
     ):

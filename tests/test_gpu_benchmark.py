@@ -37,8 +37,12 @@ def test_quick_run_on_the_cpu_writes_every_workload(tmp_path):
         "torchrev overlap",
         "torchrev exact",
         "torchrev exact overlap",
+        "torchrev compact",
     }
-    assert {w for w, _ in measured} == {"engine", "RevViT-B", "BERT-base"}
+    assert {w for w, _ in measured} == {"engine", "compiled", "RevViT-B", "BERT-base"}
+    reads = {r["method"]: r for r in rows if "forward_reads" in r}
+    assert set(reads) == {"torchrev", "torchrev exact", "torchrev compact", "torchrev exact overlap"}
+    assert reads["torchrev"]["forward_reads"] == 0 and reads["torchrev"]["backward_reads"] == 1
     assert all(r["samples_per_s"] > 0 for r in measured.values())
     engine = {m: r["peak_mib"] for (w, m), r in measured.items() if w == "engine"}
     assert engine["torchrev"] < engine["checkpoint"] < engine["plain autograd"]

@@ -7,6 +7,7 @@ from .memory import peak_live_bytes as peak_live_bytes
 from .memory import step_memory as step_memory
 from .memory import training_step_peak as training_step_peak
 from .results import write_results as write_results
+from .syncs import SyncCounter as SyncCounter
 from .timing import interleaved_times as interleaved_times
 from .timing import median_ratio as median_ratio
 from .timing import retain_freed_memory as retain_freed_memory
