@@ -249,7 +249,7 @@ def _first_level(
         codes, escapes, count = _encode(diff, width, room)
         return codes, escapes, count, diff.take(escapes)
     narrow, escaped, count = narrow_codes(x_bits, r_bits, width)
-    escapes = _positions(escaped, int(count) if room is None else room)
+    escapes = escaped.nonzero().squeeze(1) if room is None else _positions(escaped, room)
     return _pack(narrow, width), escapes, count, x_bits.take(escapes) - r_bits.take(escapes)
 
 
@@ -262,10 +262,10 @@ def _encode(diff: Tensor, width: int, room: int | None) -> tuple[Tensor, Tensor,
     if width < 8:
         narrow = narrow.view(torch.uint8).bitwise_and_((1 << width) - 1)
     escaped = narrow == (half if width < 8 else -half)
-    count = escaped.sum()
-    if room is None:  # a warm-up call: NOTE [planned capacities]
-        room = int(count)
-    return _pack(narrow, width), _positions(escaped, room), count
+    if room is None:  # sized from the data: NOTE [planned capacities]
+        escapes = escaped.nonzero().squeeze(1)
+        return _pack(narrow, width), escapes, torch.full((), escapes.numel(), device=diff.device)
+    return _pack(narrow, width), _positions(escaped, room), escaped.sum()
 
 
 def _positions(mask: Tensor, room: int) -> Tensor:
