@@ -50,4 +50,3 @@ def recomputed_differently_message(name: str) -> str:
         f"many blocks): pass exact=True to the stack. A branch that cannot recompute "
         f"identically must run outside the reversible stack, under plain autograd."
     )
-

@@ -44,13 +44,15 @@ NOTE [recomputation checksum] (:mod:`.fingerprint`) checks on every step.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
-from typing import Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
 from .block import AbstractReversibleBlock
+from .call import warn_full_width
 from .fingerprint import BITS
 from .fused import add_codes_, fused, narrow_codes
 from .widths import (
@@ -66,6 +68,9 @@ from .widths import (
 Exact = bool | Literal["auto", "compact"]
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
+if TYPE_CHECKING:
+    from .step import Step
+
 _STORE = {8: torch.int8, 16: torch.int16}
 
 
@@ -353,3 +358,27 @@ class ExactStep(NamedTuple):
     @property
     def nbytes(self) -> int:
         return self.correction.nbytes
+
+
+def record(step: Step, x: Tensor, h: Tensor, y: Tensor) -> None:
+    """After a step's forward ``y = update(x, h)``: what its backward needs to rebuild ``x``
+    exactly, if its call reverses exactly (NOTE [exact reversal])."""
+    call = step.call
+    if not call.exact:
+        return
+    compact = call.exact == "compact"
+    step.exact = ExactStep.record(step.block, step.index, x, h, y, compact, call.ahead)
+    if call.ahead:  # read when the backward starts (NOTE [planned capacities])
+        call.planned.append(weakref.ref(step))
+    elif step.exact.correction.mostly_full_width:
+        warn_full_width(step.block, step.block_index, step.index, step.exact.nbytes, x.numel())
+
+
+def rebuild(step: Step, y: Tensor, h: Tensor, in_place: bool) -> Tensor:
+    """The input of ``step`` from its output ``y`` and branch output ``h``: the float inverse,
+    made exact by the step's correction if it has one. ``in_place`` may overwrite ``y``."""
+    block, index = step.block, step.index
+    if step.exact is not None:
+        return step.exact.rebuild(block, index, y, h)
+    revert = block.revert_ if in_place else block.revert
+    return revert(y, h, index).to(step.dtype)

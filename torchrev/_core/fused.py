@@ -61,8 +61,7 @@ def narrow_codes(x_bits: Tensor, r_bits: Tensor, width: int) -> tuple[Tensor, Te
 
 def _add_codes(bits: Tensor, packed: Tensor, width: int, count: int) -> None:
     parts = [
-        (packed << (8 - (j + 1) * width)).view(torch.int8) >> (8 - width)
-        for j in range(8 // width)
+        (packed << (8 - (j + 1) * width)).view(torch.int8) >> (8 - width) for j in range(8 // width)
     ]
     bits.add_(torch.cat(parts)[:count])
 

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from .errors import ReversibilityError
+from .exact import rebuild
 from .fingerprint import mismatch_report
 from .recover import replayed_branch
 
@@ -116,7 +117,4 @@ class Overlap:
             name, exact = block.branch_name(index), step.exact is not None
             call.tape.report(*mismatch_report(name, step.checksum, h, exact))
         with torch.no_grad(), call.autocast.replayed():
-            inp = block.revert(out, h, index)
-        if step.exact is None:
-            return inp.to(step.dtype)
-        return step.exact.correction.apply_(inp.to(step.exact.dtype))
+            return rebuild(step, out, h, in_place=False)

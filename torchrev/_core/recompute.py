@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.autograd.graph import get_gradient_edge
 from torch.func import functional_call
 
+from .exact import rebuild
 from .fingerprint import mismatch_report
 from .grad import EDGE_OUTPUTS, Grads, engine_grad
 from .leaves import check_tracked
@@ -134,10 +135,7 @@ def _recompute(
             # branch is differentiated, where exact reversal rebuilt out of place.
             tape = step.call.tape
             out = tape.get(step.target)
-            if step.exact is None:
-                inp = block.revert_(out, h, index).to(step.dtype)
-            else:
-                inp = step.exact.rebuild(block, index, out, h)
+            inp = rebuild(step, out, h, in_place=True)
             tape.values[step.target] = inp
     return inp, h, leaves, views, targets
 

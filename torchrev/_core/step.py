@@ -10,14 +10,14 @@ moves the running gradients back past the step (NOTE [gradient order]).
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+from . import exact
 from .block import AbstractReversibleBlock
-from .call import Call, verify_input, warn_full_width
+from .call import Call, verify_input
 from .contents import StepContents
 from .exact import ExactStep
 from .fingerprint import fingerprint
@@ -81,13 +81,7 @@ class Step:
         out = block.update(inp, h, self.index)
         if call.check:
             self.checksum = fingerprint(h, bool(call.exact))
-        if call.exact:
-            compact = call.exact == "compact"
-            self.exact = ExactStep.record(block, self.index, inp, h, out, compact, call.ahead)
-            if call.ahead:  # read when the backward starts (NOTE [planned capacities])
-                call.planned.append(weakref.ref(self))
-            elif self.exact.correction.mostly_full_width:
-                warn_full_width(block, self.block_index, self.index, self.exact.nbytes, inp.numel())
+        exact.record(self, inp, h, out)
         if call.trace is not None:
             call.trace.record_step(self.block_index, block, self.index, inp, h, out, self.exact)
         return out
