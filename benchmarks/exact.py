@@ -4,8 +4,8 @@ The engine benchmark's stack (``depth`` additive couplings, Linear-GELU-Linear b
 ``width`` features) trained with ``exact=False`` (the reference: the float engine, which checks
 each recomputation against a float64 fingerprint of its forward), ``exact=False`` without that
 check, ``exact=True`` and ``exact="compact"``, the last two each with exact reversal's
-elementwise passes eager and fused by torch.compile (``torchrev._core.fused.FUSE``). Steps are interleaved round by round and each
-ratio is taken within a round (``torchrev.bench.median_ratio``); by default the clock is this
+elementwise passes eager and fused by torch.compile (``torchrev._core.fused.FUSE``). Steps are
+interleaved round by round and each ratio is taken within a round (``torchrev.bench.median_ratio``); by default the clock is this
 process's CPU time on one thread, which other processes on a shared machine do not inflate.
 
 Beside each ratio, what sets it: exact reversal adds memory-bound passes over each stream per
