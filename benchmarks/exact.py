@@ -5,8 +5,9 @@ The engine benchmark's stack (``depth`` additive couplings, Linear-GELU-Linear b
 each recomputation against a float64 fingerprint of its forward), ``exact=False`` without that
 check, ``exact=True`` and ``exact="compact"``, the last two each with exact reversal's
 elementwise passes eager and fused by torch.compile (``torchrev._core.fused.FUSE``). Steps are
-interleaved round by round and each ratio is taken within a round (``torchrev.bench.median_ratio``); by default the clock is this
-process's CPU time on one thread, which other processes on a shared machine do not inflate.
+interleaved round by round and each ratio is taken within a round
+(``torchrev.bench.median_ratio``); by default the clock is this process's CPU time on one
+thread, which other processes on a shared machine do not inflate.
 
 Beside each ratio, what sets it: exact reversal adds memory-bound passes over each stream per
 step (encode in the forward, decode in the backward), which weigh against the branch's
