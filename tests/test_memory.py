@@ -42,9 +42,9 @@ def test_reversible_peak_is_flat_in_depth(cls):
 
 
 def test_the_recomputation_check_keeps_two_numbers_per_step():
-    """NOTE [recomputation checksum]: float reversal's fingerprint is two float64 per step."""
+    """NOTE [recomputation checksum]: float reversal's fingerprint is two float32 per step."""
     growth = training_step_peak(12, True) - training_step_peak(3, True)
-    assert growth == 2 * (12 - 3) * 16
+    assert growth == 2 * (12 - 3) * 8
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

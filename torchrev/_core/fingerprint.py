@@ -12,10 +12,12 @@ scalar or two, no activations) and the backward compares the recomputation's wit
   independent faults almost never do.
 - Under float reversal the recomputation sees inputs rebuilt with rounding, so its ``h``
   differs from the forward's in the last bits and a bitwise test would always fail. The
-  fingerprint is ``(sum h, sum |h|)`` in float64, and a difference counts when it exceeds
-  ``sqrt(eps)`` of ``sum |h|``, ``eps`` the precision of ``h``'s type: measured rounding stays
-  below 1e-7 of it in float32 (3.5e-4 allowed) and 1e-8 in float64 (1.5e-8 allowed) even 32
-  scaled couplings deep, where a fault such as a buffer read after its update is caught.
+  fingerprint is ``(sum h, sum |h|)``, accumulated in float32 (float64 for float64 ``h``),
+  and a difference counts when it exceeds ``sqrt(eps)`` of ``sum |h|``, ``eps`` the precision
+  of ``h``'s type: measured rounding stays below 1e-7 of it in float32 (3.5e-4 allowed) and
+  1e-8 in float64 (1.5e-8 allowed) even 32 scaled couplings deep, where a fault such as a
+  buffer read after its update is caught; float32 accumulation adds about
+  ``eps * log2(numel)`` (pairwise sums), far below the allowance.
   Differences below that change the gradients at rounding level only, like plain autograd's
   own nondeterministic kernels; reversal that amplifies rounding past it (a deep stack of
   small scales in float) is caught too, and is what exact reversal is for.
@@ -53,9 +55,10 @@ def fingerprint(h: Tensor, exact: bool) -> Tensor:
     if exact:
         return checksum(h)
     h = h.detach()
-    return torch.stack(
-        [h.sum(dtype=torch.float64), torch.linalg.vector_norm(h, 1, dtype=torch.float64)]
-    )
+    # One pass each, in the stream's precision (float32 for 16-bit types): float64 made each a
+    # conversion and a pass over twice the bytes, as slow as exact reversal's encoding.
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    return torch.stack([h.sum(dtype=acc), torch.linalg.vector_norm(h, 1, dtype=acc)])
 
 
 def differs(expected: Tensor, h: Tensor, exact: bool) -> Tensor:

@@ -63,8 +63,8 @@ class ReversibleSequential(nn.ModuleList):
     every branch in backward (under no grad); without CUDA the same work runs in sequence. It
     pays where one block's backward leaves the GPU idle (small batches, narrow layers).
 
-    ``check_recompute=True`` (the default) keeps a checksum of every branch output (one
-    reduction per step, a scalar) and raises :class:`torchrev.ReversibilityError` in backward
+    ``check_recompute=True`` (the default) keeps a checksum of every branch output (two
+    reductions per step, two numbers) and raises :class:`torchrev.ReversibilityError` in backward
     if a branch recomputes a different output: a nondeterministic kernel, a random generator
     the engine does not replay, state the branch does not own. Exact reversal always checks
     (its corrections rely on it); ``False`` skips the check for float reversal only.
