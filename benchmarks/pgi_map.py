@@ -11,7 +11,7 @@ mAP@0.5:0.95 on the test split of the best-validation checkpoint (and of the las
 summarised as mean +- sample standard deviation over seeds, with the per-seed difference
 PGI - plain. A run folder that already holds ``metrics.json`` for the same epochs is read, not
 rerun, so an interrupted sweep continues where it stopped. Run
-``python benchmarks/pgi_map.py`` (about 20 minutes on two free cores at 40 epochs).
+``python benchmarks/pgi_map.py`` (about 35 minutes at 50 epochs on two shared cores).
 """
 
 from __future__ import annotations
@@ -105,11 +105,12 @@ def main(argv: list[str] | None = None) -> None:
     setup = (
         f"GELAN-T (the gelan_t recipe: widths 8/16/16/24/32, 64x64 images, batch 32, AdamW "
         f"2e-3, warmup + cosine) trained from scratch on the generated shapes-detect task "
-        f"(600 train / 200 val / 300 test images) for {args.epochs} epoch(s) (the recipe's "
+        f"(600 train / 200 val / 300 test images) for {args.epochs} epochs (the recipe's "
         f"default is 3), alone and with PGI (reversible auxiliary branch, aux loss weight "
         f"0.25), seeds {', '.join(map(str, args.seeds))}; CPU, {args.threads} thread(s), "
         f"torch {torch.__version__}. Test mAP of the best-validation-mAP@0.5 checkpoint and of "
-        f"the last epoch, COCO (faster-coco-eval); mean +- sample std over seeds. Reproduce: "
+        f"the last epoch, COCO (faster-coco-eval); mean +- sample std over seeds. Wall "
+        f"seconds include each epoch's validation and are noisy on a shared machine. Reproduce: "
         f"`python benchmarks/pgi_map.py --epochs {args.epochs}`."
     )
     write_results(args.out, args.tag, setup, rows, table(rows))
