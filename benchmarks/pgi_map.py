@@ -11,7 +11,7 @@ mAP@0.5:0.95 on the test split of the best-validation checkpoint (and of the las
 summarised as mean +- sample standard deviation over seeds, with the per-seed difference
 PGI - plain. A run folder that already holds ``metrics.json`` for the same epochs is read, not
 rerun, so an interrupted sweep continues where it stopped. Run
-``python benchmarks/pgi_map.py`` (about 35 minutes at 50 epochs on two shared cores).
+``python benchmarks/pgi_map.py`` (39 minutes at 50 epochs on two shared cores).
 """
 
 from __future__ import annotations
