@@ -18,12 +18,14 @@ from ..bench.memory import MiB, training_step_peak
 from ..bench.timing import interleaved_times, median_ratio, retain_freed_memory
 from ..models import create_model, list_models, model_info
 from ..models._base import AbstractReversibleModel
+from ..models._registry import ModelInfo
 from .logs import finish
 from .options import HelpFormatter, add_out, positive_float, positive_int
 from .outdir import choose_out
 
 FORMS = ("reversible", "plain", "checkpoint")
 PRODUCES = ("bench.csv", "bench.json", "bench.png")
+SIZES = ("medium", "small", "full")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -48,10 +50,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="model depths (blocks per stage, transformer blocks or RevCol columns)",
     )  # fmt: skip
     parser.add_argument(
-        "--batches", type=positive_int, nargs="+", default=[16, 64],
+        "--batches", type=positive_int, nargs="+", default=[8, 32],
         help="batch sizes (of the model's example inputs, whose shape the table shows)",
     )  # fmt: skip
-    parser.add_argument("--full", action="store_true", help="full-size model (default: small)")
+    parser.add_argument(
+        "--size", choices=SIZES, default="medium",
+        help="the model's size: medium is its own widths on an input where activations "
+        "dominate memory and compute the time (RevNet on 32x32, RevViT on 64 patches); small "
+        "runs in seconds but measures mostly Python's overhead; full is the registered model",
+    )  # fmt: skip
     parser.add_argument("--repeats", type=positive_int, default=3, help="timing rounds")
     parser.add_argument(
         "--budget-mib", type=positive_float, default=None,
@@ -63,7 +70,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     info = model_info(args.model)  # unknown names raise before any work
-    base = {} if args.full else dict(info.small)
+    base = _size(info, args.size)
     out = choose_out(args.out, Path("runs/bench"), PRODUCES, overwrite=args.overwrite)
     retain_freed_memory()  # time compute, not page faults (see torchrev.bench.timing)
     rows = []
@@ -77,11 +84,20 @@ def run(args: argparse.Namespace) -> int:
     if args.budget_mib is not None:
         deepest = {**base, **info.depth(max(args.depths))}
         rows += _largest_inputs(args.model, deepest, args.budget_mib)
-    title = f"torchrev bench: {args.model} ({'full size' if args.full else 'small'})"
+    title = f"torchrev bench: {args.model} ({args.size} size)"
     _write(rows, out, title)
     print(_table(rows))
     print(f"results ({', '.join(PRODUCES)}) in {out}")
     return 0
+
+
+def _size(info: ModelInfo, size: str) -> dict[str, Any]:
+    """The keyword arguments that build ``info``'s model at ``size`` (one of ``SIZES``)."""
+    if size == "full":
+        return {}
+    if size == "medium" and info.medium is not None:
+        return dict(info.medium)
+    return dict(info.small)
 
 
 def _progress(items: list, desc: str) -> Any:
@@ -200,16 +216,18 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (memory, time) = plt.subplots(1, 2, figsize=(10, 4))
-    for form in FORMS:
-        for batch in sorted({r["batch"] for r in rows}):
+    batches = sorted({r["batch"] for r in rows})
+    for colour, form in enumerate(FORMS):  # a colour per form, a line style per batch size
+        for batch, style in zip(batches, ("-", "--", ":", "-.") * len(batches)):
             points = sorted(
                 (r["depth"], r["live_mib"], r["time_ratio"])
                 for r in rows
                 if r["form"] == form and r["batch"] == batch
             )
             depths, mib, ratio = zip(*points)
-            memory.plot(depths, mib, marker="o", label=f"{form}, batch {batch}")
-            time.plot(depths, ratio, marker="o", label=f"{form}, batch {batch}")
+            look = {"color": f"C{colour}", "linestyle": style, "marker": "o"}
+            memory.plot(depths, mib, **look, label=f"{form}, batch {batch}")
+            time.plot(depths, ratio, **look, label=f"{form}, batch {batch}")
     memory.set(
         xlabel="depth", ylabel="MiB", title="training-step activation memory\n(beyond weights)"
     )
