@@ -138,6 +138,15 @@ def test_interrupt_in_the_first_epoch_says_nothing_was_kept(tmp_path, monkeypatc
     assert not (tmp_path / "new").exists()
 
 
+def test_a_batch_size_above_the_data_is_said(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "train_epoch", lambda *a, **k: (_ for _ in ()).throw(
+        KeyboardInterrupt))  # fmt: skip
+    argv = ["train", *TINY, "--batch-size", "100000", "--out", str(tmp_path / "o")]
+    assert main(argv) == 130
+    out = capsys.readouterr().out
+    assert "--batch-size 100000 is above the 1295 training examples: each step takes all" in out
+
+
 def test_tensorboard_missing_is_one_line_and_makes_no_folder(tmp_path, capsys):
     try:  # tensorboard is not a test dependency: its absence is what this checks
         import tensorboard  # noqa: F401

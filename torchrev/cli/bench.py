@@ -35,9 +35,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "For each depth and batch size, one training step of the model in its reversible "
             "form, with plain autograd (reversible=False) and with torch.utils.checkpoint per "
-            "block: peak live tensor MiB beyond parameters and gradients (deterministic) and "
-            "step time as a ratio to plain. Writes a table, bench.csv, bench.json and bench.png. "
-            "With --budget-mib, also the largest input that fits the budget in each form."
+            "block: peak live tensor MiB beyond parameters and gradients (deterministic), the "
+            "median step time in ms and its ratio to plain's (median of per-round ratios). "
+            "Prints a line per point as it goes, then a table with the input shape; writes "
+            "bench.csv, bench.json and bench.png. With --budget-mib, also the largest input "
+            "that fits the budget in each form."
         ),
         formatter_class=HelpFormatter,
     )
@@ -50,7 +52,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="model depths (blocks per stage, transformer blocks or RevCol columns)",
     )  # fmt: skip
     parser.add_argument(
-        "--batches", type=positive_int, nargs="+", default=[8, 32],
+        "--batches", type=positive_int, nargs="+", default=[4, 16],
         help="batch sizes (of the model's example inputs, whose shape the table shows)",
     )  # fmt: skip
     parser.add_argument(

@@ -21,7 +21,7 @@ class ModelInfo:
     ``small`` turns the full-size model into one that runs a float64 step in well under a
     second. ``medium`` is the size ``torchrev bench`` measures by default: the model's own
     widths (or near them) on an input large enough that activations dominate its memory and
-    compute its step time (a step of a fraction of a second to a few seconds at batch 32 on
+    compute its step time (a step of a fraction of a second to a few seconds at batch 16 on
     two CPU cores), where ``small`` would measure Python's overhead; ``None`` means ``small``.
     ``depth(n)`` gives the keyword arguments for a model ``n`` units deep (blocks per
     stage, transformer blocks, or RevCol's columns), so tests and ``torchrev bench`` can check
