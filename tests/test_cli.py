@@ -275,7 +275,7 @@ def _damage(run, damage, tmp_path):
         ("unknown_model", ["model 'revnet39'", "another checkpoint"]),
         ("other_model", ["--model", "drop --model"]),
         ("finished", ["is finished", "--epochs"]),
-        ("epochs_below", ["--epochs 1: the run", "trained 1 epochs already", "N > 1"]),
+        ("epochs_below", ["--epochs 1: the run", "trained 1 epoch already", "N > 1"]),
     ],
 )
 def test_bad_resume_files_are_refused_in_one_line(tiny_run, tmp_path, capsys, damage, words):
