@@ -351,6 +351,15 @@ def test_bench_writes_table_csv_plot(tmp_path):
     assert (tmp_path / "bench.csv").exists() and (tmp_path / "bench.png").stat().st_size > 0
 
 
+def test_bench_times_with_the_clock_it_is_given(tmp_path, monkeypatch):
+    ticks = iter(range(10**6))
+    monkeypatch.setitem(bench.CLOCKS, "cpu", lambda: float(next(ticks)))  # one second a call
+    argv = ["bench", "--model", "revnet38", "--size", "small", "--depths", "1", "--batches", "1"]
+    assert main([*argv, "--repeats", "1", "--clock", "cpu", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "bench.json").read_text())
+    assert [(r["seconds"], r["time_ratio"]) for r in rows] == [(1.0, 1.0)] * 3
+
+
 def test_bench_measures_a_medium_model_by_default():
     """The default size gives every model a larger input than its small form (or, for a model
     without a medium size, the small form itself) at its registered widths or near them."""
