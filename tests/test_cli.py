@@ -1,5 +1,6 @@
 """The `torchrev` command: default runs that learn, resume, logging, refusals, one-line errors."""
 
+import argparse
 import csv
 import json
 import subprocess
@@ -14,6 +15,7 @@ import torchrev
 from torchrev.cli import bench, checkpoint, finetune, main, train
 from torchrev.cli.recipes import RECIPES
 from torchrev.data import make_shapes3d
+from torchrev.models import model_info
 
 # A RevNet-38 small enough for a one-epoch run in a few seconds: tests of files and errors.
 TINY = ["--model-kwargs", "channels=(8,16,16)", "blocks=(1,1,1)", "--batch-size", "128"]
@@ -134,6 +136,15 @@ def test_interrupt_in_the_first_epoch_says_nothing_was_kept(tmp_path, monkeypatc
     assert main(["train", *TINY, "--out", str(tmp_path / "new")]) == 130  # made by the run
     one_line_error(capsys, "nothing was kept", "removed")
     assert not (tmp_path / "new").exists()
+
+
+def test_a_batch_size_above_the_data_is_said(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "train_epoch", lambda *a, **k: (_ for _ in ()).throw(
+        KeyboardInterrupt))  # fmt: skip
+    argv = ["train", *TINY, "--batch-size", "100000", "--out", str(tmp_path / "o")]
+    assert main(argv) == 130
+    out = capsys.readouterr().out
+    assert "--batch-size 100000 is above the 1295 training examples: each step takes all" in out
 
 
 def test_tensorboard_missing_is_one_line_and_makes_no_folder(tmp_path, capsys):
@@ -264,7 +275,7 @@ def _damage(run, damage, tmp_path):
         ("unknown_model", ["model 'revnet39'", "another checkpoint"]),
         ("other_model", ["--model", "drop --model"]),
         ("finished", ["is finished", "--epochs"]),
-        ("epochs_below", ["--epochs 1: the run", "trained 1 epochs already", "N > 1"]),
+        ("epochs_below", ["--epochs 1: the run", "trained 1 epoch already", "N > 1"]),
     ],
 )
 def test_bad_resume_files_are_refused_in_one_line(tiny_run, tmp_path, capsys, damage, words):
@@ -330,14 +341,40 @@ def test_every_registered_model_has_a_recipe():
 
 
 def test_bench_writes_table_csv_plot(tmp_path):
-    argv = ["bench", "--model", "revnet38", "--depths", "1", "3", "--batches", "2"]
-    assert main([*argv, "--repeats", "1", "--out", str(tmp_path)]) == 0
+    argv = ["bench", "--model", "revnet38", "--size", "small", "--depths", "1", "3"]
+    assert main([*argv, "--batches", "2", "--repeats", "1", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "bench.json").read_text())
     rev = [r["live_mib"] for r in rows if r["form"] == "reversible"]
     plain = [r["live_mib"] for r in rows if r["form"] == "plain"]
     assert 0 <= rev[1] - rev[0] <= 1024 / 2**20  # the recomputation check: 16 bytes a step
     assert plain[1] > plain[0]
     assert (tmp_path / "bench.csv").exists() and (tmp_path / "bench.png").stat().st_size > 0
+
+
+def test_bench_times_with_the_clock_it_is_given(tmp_path, monkeypatch):
+    ticks = iter(range(10**6))
+    monkeypatch.setitem(bench.CLOCKS, "cpu", lambda: float(next(ticks)))  # one second a call
+    argv = ["bench", "--model", "revnet38", "--size", "small", "--depths", "1", "--batches", "1"]
+    assert main([*argv, "--repeats", "1", "--clock", "cpu", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "bench.json").read_text())
+    assert [(r["seconds"], r["time_ratio"]) for r in rows] == [(1.0, 1.0)] * 3
+
+
+def test_bench_measures_a_medium_model_by_default():
+    """The default size gives every model a larger input than its small form (or, for a model
+    without a medium size, the small form itself) at its registered widths or near them."""
+    parser = argparse.ArgumentParser()
+    bench.add_parser(parser.add_subparsers())
+    assert parser.parse_args(["bench", "--model", "revnet38"]).size == "medium"
+    for name in torchrev.list_models():
+        info = model_info(name)
+        small = torchrev.create_model(name, **{**info.small, **info.depth(1)})
+        model = torchrev.create_model(name, **{**bench._size(info, "medium"), **info.depth(1)})
+        (x,), (x_small,) = model.example_inputs(1), small.example_inputs(1)
+        grows = info.medium is not None
+        assert x.numel() > x_small.numel() if grows else x.numel() == x_small.numel(), name
+    revnet = bench._size(model_info("revnet38"), "medium")
+    assert torchrev.create_model("revnet38", **revnet).example_inputs(1)[0].shape[-1] == 32
 
 
 def test_bench_interrupted_says_nothing_was_written(tmp_path, monkeypatch, capsys):
@@ -348,8 +385,8 @@ def test_bench_interrupted_says_nothing_was_written(tmp_path, monkeypatch, capsy
 
 
 def test_volume_budget_gives_the_reversible_unet_three_times_the_voxels(tmp_path):
-    argv = ["bench", "--model", "unet3d", "--depths", "4", "--batches", "1", "--repeats", "1"]
-    assert main([*argv, "--budget-mib", "2", "--out", str(tmp_path)]) == 0
+    argv = ["bench", "--model", "unet3d", "--size", "small", "--depths", "4", "--batches", "1"]
+    assert main([*argv, "--repeats", "1", "--budget-mib", "2", "--out", str(tmp_path)]) == 0
     rows = {
         r["form"]: r for r in json.loads((tmp_path / "bench.json").read_text()) if "budget_mib" in r
     }

@@ -43,7 +43,7 @@ def test_every_option_with_a_default_shows_it(capsys, monkeypatch):
         block = text.split(f"\n  {option}", 1)[1].split("\n  -", 1)[0]  # its help, all lines
         assert f"(default: {default}" in block or f"default: ['{default}" in block, block
     assert "--seed SEED" in text and "random seed (default: 0)" in text
-    assert "whose shape the table shows) (default: [16, 64])" in help_of(capsys, "bench")
+    assert "whose shape the table shows) (default: [4, 16])" in help_of(capsys, "bench")
 
 
 def test_descriptions_are_wrapped_to_the_terminal(capsys, monkeypatch):

@@ -100,6 +100,30 @@ def public_callables() -> list[tuple[str, object]]:
     return found
 
 
+def example_owners() -> dict[str, bool]:
+    """torchrev's top-level exports (the front page's names) in the API reference, each with
+    whether its entry has an example: a fenced block in its docstring or on its page, between
+    its ``:::`` line and the next."""
+    import torchrev
+
+    wanted = {id(getattr(torchrev, name)) for name in exports(torchrev) - {"ode", "pgi"}}
+    owners = {}
+    for page in (DOCS / "api").glob("*.md"):
+        parts = re.split(r"^::: (\S+)$", page.read_text(), flags=re.M)
+        for name, text in zip(parts[1::2], parts[2::2]):
+            obj = resolve(name)
+            if id(obj) in wanted:
+                owners[name] = "```py" in text or "```py" in (obj.__doc__ or "")
+    return owners
+
+
+def test_every_export_of_torchrev_has_an_example_in_the_reference():
+    """Examples fenced as ``python`` on the pages run (test_the_pages_examples_run)."""
+    owners = example_owners()
+    assert len(owners) >= 25
+    assert [name for name, has in owners.items() if not has] == []
+
+
 def test_the_reference_is_built_to_show_signatures_and_math():
     """mkdocstrings shows every signature, constructors merged into their class, formatted by
     ruff (in the docs extra); arithmatex marks math for MathJax."""
@@ -129,5 +153,25 @@ def test_the_built_reference_shows_a_signature_for_every_public_callable():
         after = page.split(heading, 1)[1].split(">", 1)[1]  # past this heading's own tag
         end = after.find('class="doc doc-heading"')
         if "doc-signature" not in after[: end if end > 0 else None]:
+            missing.append(name)
+    assert not missing, missing
+
+
+@pytest.mark.skipif(
+    not os.environ.get("TORCHREV_SITE"),
+    reason="needs the built site: TORCHREV_SITE=site after mkdocs build (as .ci/run does)",
+)
+def test_the_built_reference_shows_an_example_for_every_export_of_torchrev():
+    """In the built pages, each export's entry (up to the next entry of the reference, past
+    its own methods) holds a highlighted code block besides its signature."""
+    site = Path(os.environ["TORCHREV_SITE"]) / "api"
+    pages = [page.read_text() for page in site.rglob("index.html")]
+    entries = re.compile("|".join(f'id="{re.escape(name)}"' for name in reference()))
+    missing = []
+    for name in example_owners():
+        page = next((text for text in pages if f'id="{name}"' in text), "")
+        after = page.split(f'id="{name}"', 1)[-1]
+        entry = after[: next((m.start() for m in entries.finditer(after)), None)]
+        if '<div class="highlight">' not in entry:
             missing.append(name)
     assert not missing, missing

@@ -7,6 +7,7 @@ unexpected exception is a bug: one line too, and ``TORCHREV_TRACEBACK=1`` shows 
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -17,6 +18,19 @@ from .options import HelpFormatter, Parser, version
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``torchrev ARGS``; returns the exit status."""
+    try:  # the commands' modules import their dependencies: seconds on a cold cache
+        parser = _parser()
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:
+        print("torchrev: interrupted while starting; nothing was done", file=sys.stderr)
+        return 130
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return _run(args)
+
+
+def _parser() -> Parser:
     from . import bench, finetune, models, train
 
     parser = Parser(
@@ -31,10 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_parser(sub)
     finetune.add_parser(sub)
     models.add_parser(sub)
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 2
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
     prefix = f"torchrev {args.command}"
     # Under torchrun every process meets the same errors: rank 0 alone reports them, the
     # others report only what happened to them alone (internal errors), naming their rank.

@@ -8,6 +8,7 @@ import json
 import math
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +19,15 @@ from ..bench.memory import MiB, training_step_peak
 from ..bench.timing import interleaved_times, median_ratio, retain_freed_memory
 from ..models import create_model, list_models, model_info
 from ..models._base import AbstractReversibleModel
+from ..models._registry import ModelInfo
 from .logs import finish
 from .options import HelpFormatter, add_out, positive_float, positive_int
 from .outdir import choose_out
 
 FORMS = ("reversible", "plain", "checkpoint")
 PRODUCES = ("bench.csv", "bench.json", "bench.png")
+SIZES = ("medium", "small", "full")
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -33,9 +37,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "For each depth and batch size, one training step of the model in its reversible "
             "form, with plain autograd (reversible=False) and with torch.utils.checkpoint per "
-            "block: peak live tensor MiB beyond parameters and gradients (deterministic) and "
-            "step time as a ratio to plain. Writes a table, bench.csv, bench.json and bench.png. "
-            "With --budget-mib, also the largest input that fits the budget in each form."
+            "block: peak live tensor MiB beyond parameters and gradients (deterministic), the "
+            "median step time in ms and its ratio to plain's (median of per-round ratios). "
+            "Prints a line per point as it goes, then a table with the input shape; writes "
+            "bench.csv, bench.json and bench.png. With --budget-mib, also the largest input "
+            "that fits the budget in each form."
         ),
         formatter_class=HelpFormatter,
     )
@@ -48,11 +54,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="model depths (blocks per stage, transformer blocks or RevCol columns)",
     )  # fmt: skip
     parser.add_argument(
-        "--batches", type=positive_int, nargs="+", default=[16, 64],
+        "--batches", type=positive_int, nargs="+", default=[4, 16],
         help="batch sizes (of the model's example inputs, whose shape the table shows)",
     )  # fmt: skip
-    parser.add_argument("--full", action="store_true", help="full-size model (default: small)")
+    parser.add_argument(
+        "--size", choices=SIZES, default="medium",
+        help="the model's size: medium is its own widths on an input where activations "
+        "dominate memory and compute the time (RevNet on 32x32, RevViT on 64 patches); small "
+        "runs in seconds but measures mostly Python's overhead; full is the registered model",
+    )  # fmt: skip
     parser.add_argument("--repeats", type=positive_int, default=3, help="timing rounds")
+    parser.add_argument(
+        "--clock", choices=tuple(CLOCKS), default="wall",
+        help="what a step's time is: wall-clock seconds, or this process's CPU seconds (on a "
+        "machine shared with other jobs, which wall-clock times would measure; run it with "
+        "OMP_NUM_THREADS=1, as CPU time counts every thread's, waiting included)",
+    )  # fmt: skip
     parser.add_argument(
         "--budget-mib", type=positive_float, default=None,
         help="also find the largest input side whose training step fits this many MiB",
@@ -63,7 +80,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     info = model_info(args.model)  # unknown names raise before any work
-    base = {} if args.full else dict(info.small)
+    base = _size(info, args.size)
     out = choose_out(args.out, Path("runs/bench"), PRODUCES, overwrite=args.overwrite)
     retain_freed_memory()  # time compute, not page faults (see torchrev.bench.timing)
     rows = []
@@ -71,17 +88,26 @@ def run(args: argparse.Namespace) -> int:
     quiet = sys.stderr.isatty()  # the progress bar shows progress; otherwise a line per point
     for depth, batch in _progress(points, f"bench {args.model}"):
         model = create_model(args.model, **{**base, **info.depth(depth)})
-        rows += _measure(model, depth, batch, args.repeats)
+        rows += _measure(model, depth, batch, args.repeats, CLOCKS[args.clock])
         if not quiet:
             print(_point(rows[-len(FORMS) :]), flush=True)
     if args.budget_mib is not None:
         deepest = {**base, **info.depth(max(args.depths))}
         rows += _largest_inputs(args.model, deepest, args.budget_mib)
-    title = f"torchrev bench: {args.model} ({'full size' if args.full else 'small'})"
+    title = f"torchrev bench: {args.model} ({args.size} size, {args.clock}-clock times)"
     _write(rows, out, title)
     print(_table(rows))
     print(f"results ({', '.join(PRODUCES)}) in {out}")
     return 0
+
+
+def _size(info: ModelInfo, size: str) -> dict[str, Any]:
+    """The keyword arguments that build ``info``'s model at ``size`` (one of ``SIZES``)."""
+    if size == "full":
+        return {}
+    if size == "medium" and info.medium is not None:
+        return dict(info.medium)
+    return dict(info.small)
 
 
 def _progress(items: list, desc: str) -> Any:
@@ -103,7 +129,9 @@ def _step(model: nn.Module, x: torch.Tensor):
     return step
 
 
-def _measure(model: AbstractReversibleModel, depth: int, batch: int, repeats: int) -> list[dict]:
+def _measure(
+    model: AbstractReversibleModel, depth: int, batch: int, repeats: int, clock: Any
+) -> list[dict]:
     (x,) = model.example_inputs(batch)
     rows, steps = [], {}
     for form in FORMS:
@@ -121,7 +149,7 @@ def _measure(model: AbstractReversibleModel, depth: int, batch: int, repeats: in
             step()
 
         steps[form] = timed
-    times = interleaved_times(steps, repeats=repeats)
+    times = interleaved_times(steps, repeats=repeats, clock=clock)
     for row in rows:
         row["seconds"] = statistics.median(times[row["form"]])
         row["time_ratio"] = median_ratio(times[row["form"]], times["plain"])
@@ -199,21 +227,23 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (memory, time) = plt.subplots(1, 2, figsize=(10, 4))
-    for form in FORMS:
-        for batch in sorted({r["batch"] for r in rows}):
+    fig, (memory, speed) = plt.subplots(1, 2, figsize=(10, 4))
+    batches = sorted({r["batch"] for r in rows})
+    for colour, form in enumerate(FORMS):  # a colour per form, a line style per batch size
+        for batch, style in zip(batches, ("-", "--", ":", "-.") * len(batches)):
             points = sorted(
                 (r["depth"], r["live_mib"], r["time_ratio"])
                 for r in rows
                 if r["form"] == form and r["batch"] == batch
             )
             depths, mib, ratio = zip(*points)
-            memory.plot(depths, mib, marker="o", label=f"{form}, batch {batch}")
-            time.plot(depths, ratio, marker="o", label=f"{form}, batch {batch}")
+            look = {"color": f"C{colour}", "linestyle": style, "marker": "o"}
+            memory.plot(depths, mib, **look, label=f"{form}, batch {batch}")
+            speed.plot(depths, ratio, **look, label=f"{form}, batch {batch}")
     memory.set(
         xlabel="depth", ylabel="MiB", title="training-step activation memory\n(beyond weights)"
     )
-    time.set(xlabel="depth", ylabel="time / plain autograd's", title="training-step time")
+    speed.set(xlabel="depth", ylabel="time / plain autograd's", title="training-step time")
     handles, labels = memory.get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7)  # below, not on, the curves
     finish(fig, title, path, legend=False, bottom=0.04 + 0.05 * math.ceil(len(labels) / 3))

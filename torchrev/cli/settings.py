@@ -96,7 +96,8 @@ def resume_out(args: argparse.Namespace, resumed: Checkpoint, epochs: int) -> Pa
         raise CliError(f"--resume continues the run in {folder}; drop --out {args.out}")
     if args.epochs is not None and args.epochs <= done:
         raise CliError(
-            f"--epochs {args.epochs}: the run in {folder} has trained {done} epochs already; "
+            f"--epochs {args.epochs}: the run in {folder} has trained {done} "
+            f"epoch{'s' if done != 1 else ''} already; "
             f"pass --epochs N with N > {done} to train it further"
         )
     if done >= epochs:

@@ -19,7 +19,11 @@ class ModelInfo:
     """A registered model: its factory and what generic tools need to vary it.
 
     ``small`` turns the full-size model into one that runs a float64 step in well under a
-    second. ``depth(n)`` gives the keyword arguments for a model ``n`` units deep (blocks per
+    second. ``medium`` is the size ``torchrev bench`` measures by default: the model's own
+    widths (or near them) on an input large enough that activations dominate its memory and
+    compute its step time (a step of a fraction of a second to a few seconds at batch 16 on
+    two CPU cores), where ``small`` would measure Python's overhead; ``None`` means ``small``.
+    ``depth(n)`` gives the keyword arguments for a model ``n`` units deep (blocks per
     stage, transformer blocks, or RevCol's columns), so tests and ``torchrev bench`` can check
     that activation memory does not grow with depth.
     """
@@ -29,6 +33,7 @@ class ModelInfo:
     task: Task
     depth: Callable[[int], dict[str, Any]]
     small: dict[str, Any] = field(default_factory=dict)
+    medium: dict[str, Any] | None = None
 
 
 _MODELS: dict[str, ModelInfo] = {}
@@ -39,6 +44,7 @@ def register_model(
     task: Task,
     depth: Callable[[int], dict[str, Any]],
     small: dict[str, Any] | None = None,
+    medium: dict[str, Any] | None = None,
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator registering ``factory(**kwargs) -> nn.Module`` under ``name``.
 
@@ -50,7 +56,7 @@ def register_model(
     def add(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _MODELS:
             raise ValueError(f"model {name!r} is registered twice")
-        _MODELS[name] = ModelInfo(name, factory, task, depth, small or {})
+        _MODELS[name] = ModelInfo(name, factory, task, depth, small or {}, medium)
         return factory
 
     return add

@@ -207,17 +207,20 @@ _SMALL = {
 }
 
 
+_MEDIUM = {"image_size": 32}  # RevCol-T's widths on CIFAR-size images
+
+
 def _depth(n: int) -> dict[str, object]:
     return {"columns": n}
 
 
-@register_model("revcol_t", "classification", depth=_depth, small=_SMALL)
+@register_model("revcol_t", "classification", depth=_depth, small=_SMALL, medium=_MEDIUM)
 def revcol_t(**kwargs: object) -> RevCol:
     """RevCol-T: channels 64/128/256/512, blocks 2/2/4/2, 4 columns."""
     return RevCol(**{"columns": 4, **kwargs})  # type: ignore[arg-type]
 
 
-@register_model("revcol_s", "classification", depth=_depth, small=_SMALL)
+@register_model("revcol_s", "classification", depth=_depth, small=_SMALL, medium=_MEDIUM)
 def revcol_s(**kwargs: object) -> RevCol:
     """RevCol-S: as RevCol-T with 8 columns."""
     return RevCol(**{"columns": 8, **kwargs})  # type: ignore[arg-type]

@@ -97,13 +97,14 @@ class RevNet(AbstractReversibleModel):
 
 
 _SMALL = {"channels": (8, 16, 16), "blocks": (1, 1, 1), "image_size": 8}
+_MEDIUM: dict[str, object] = {}  # the paper's widths on CIFAR's 32x32
 
 
 def _depth(n: int) -> dict[str, object]:
     return {"blocks": (n, n, n)}
 
 
-@register_model("revnet38", "classification", depth=_depth, small=_SMALL)
+@register_model("revnet38", "classification", depth=_depth, small=_SMALL, medium=_MEDIUM)
 def revnet38(**kwargs: object) -> RevNet:
     """RevNet-38: three stages of 3 basic blocks, 32/64/112 channels (0.56M parameters).
 
@@ -113,14 +114,18 @@ def revnet38(**kwargs: object) -> RevNet:
     return RevNet(**{"channels": (32, 64, 112), "blocks": (3, 3, 3), **kwargs})  # type: ignore[arg-type]
 
 
-@register_model("revnet110", "classification", depth=_depth, small=_SMALL)
+@register_model("revnet110", "classification", depth=_depth, small=_SMALL, medium=_MEDIUM)
 def revnet110(**kwargs: object) -> RevNet:
     """RevNet-110: three stages of 9 basic blocks, 32/64/128 channels (1.84M parameters)."""
     return RevNet(**{"channels": (32, 64, 128), "blocks": (9, 9, 9), **kwargs})  # type: ignore[arg-type]
 
 
 @register_model(
-    "revnet164", "classification", depth=_depth, small={**_SMALL, "channels": (16, 32, 32)}
+    "revnet164",
+    "classification",
+    depth=_depth,
+    small={**_SMALL, "channels": (16, 32, 32)},
+    medium=_MEDIUM,
 )
 def revnet164(**kwargs: object) -> RevNet:
     """RevNet-164: three stages of 9 bottleneck blocks, 128/256/512 channels (3.2M parameters)."""

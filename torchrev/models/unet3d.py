@@ -98,6 +98,7 @@ class UNet3D(AbstractReversibleModel):
     "segmentation",
     depth=lambda n: {"blocks": n},
     small={"width": 4, "levels": 2, "blocks": 1, "expansion": 2, "volume": 4},
+    medium={"width": 8, "levels": 3, "volume": 16},
 )
 def unet3d(**kwargs: object) -> UNet3D:
     """Reversible-MBConv 3D U-Net: 4 levels from width 16, 2 couplings per level."""

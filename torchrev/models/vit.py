@@ -94,31 +94,32 @@ class RevViT(AbstractReversibleModel):
 
 
 _SMALL = {"dim": 16, "depth": 2, "heads": 2, "patch_size": 4, "image_size": 8, "num_classes": 10}
+_MEDIUM = {"patch_size": 4, "image_size": 32}  # each layout's width on 64 tokens
 
 
 def _depth(n: int) -> dict[str, object]:
     return {"depth": n}
 
 
-@register_model("revvit_tiny", "classification", depth=_depth, small=_SMALL)
+@register_model("revvit_tiny", "classification", depth=_depth, small=_SMALL, medium=_MEDIUM)
 def revvit_tiny(**kwargs: object) -> RevViT:
     """ViT-Ti/16 layout: dim 192, 12 blocks, 3 heads."""
     return RevViT(**{"dim": 192, "heads": 3, **kwargs})  # type: ignore[arg-type]
 
 
-@register_model("revvit_small", "classification", depth=_depth, small=_SMALL)
+@register_model("revvit_small", "classification", depth=_depth, small=_SMALL, medium=_MEDIUM)
 def revvit_small(**kwargs: object) -> RevViT:
     """ViT-S/16 layout: dim 384, 12 blocks, 6 heads."""
     return RevViT(**{"dim": 384, "heads": 6, **kwargs})  # type: ignore[arg-type]
 
 
-@register_model("revvit_base", "classification", depth=_depth, small=_SMALL)
+@register_model("revvit_base", "classification", depth=_depth, small=_SMALL, medium=_MEDIUM)
 def revvit_base(**kwargs: object) -> RevViT:
     """ViT-B/16 layout: dim 768, 12 blocks, 12 heads."""
     return RevViT(**{"dim": 768, "heads": 12, **kwargs})  # type: ignore[arg-type]
 
 
-@register_model("revvit_large", "classification", depth=_depth, small=_SMALL)
+@register_model("revvit_large", "classification", depth=_depth, small=_SMALL, medium=_MEDIUM)
 def revvit_large(**kwargs: object) -> RevViT:
     """ViT-L/16 layout: dim 1024, 24 blocks, 16 heads."""
     return RevViT(**{"dim": 1024, "depth": 24, "heads": 16, **kwargs})  # type: ignore[arg-type]
