@@ -6,9 +6,8 @@ not under ``if TYPE_CHECKING:``, which never runs. ``from .pkg import name`` is 
 ``pkg.name`` where that is a module, else to ``pkg``; importing a module is not counted as
 importing its parent packages (every module would then import ``torchrev/__init__``).
 
-``torchrev/_core`` is left out for now, while the engine is being reworked (its former
-``overlap`` <-> ``call`` circle now runs only under ``TYPE_CHECKING``, and the whole graph,
-``_core`` included, has no circle today); once the rework lands, empty ``SKIPPED``.
+The engine (``torchrev/_core``) included: its modules refer to one another's types only under
+``TYPE_CHECKING`` (a step's call, a call's step).
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ from pathlib import Path
 import torchrev
 
 ROOT = Path(torchrev.__file__).parent
-SKIPPED = ("torchrev._core",)
 
 
 def module_name(path: Path) -> str:
@@ -125,9 +123,7 @@ def test_the_cycle_finder_finds_a_circle_and_skips_type_checking_imports():
     assert cycles(edges_of("import torchrev.a\n")) == [["torchrev.a", "torchrev.b", "torchrev.c"]]
 
 
-def test_no_import_circles_outside_the_engine():
+def test_no_import_circles():
     edges = graph()
-    kept = {n: {t for t in e if not t.startswith(SKIPPED)} for n, e in edges.items()}
-    kept = {n: e for n, e in kept.items() if not n.startswith(SKIPPED)}
-    assert kept.get("torchrev.cli.checkpoint")
-    assert cycles(kept) == []
+    assert edges.get("torchrev.cli.checkpoint") and edges.get("torchrev._core.step")
+    assert cycles(edges) == []
