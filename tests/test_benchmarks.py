@@ -42,7 +42,7 @@ def test_engine_benchmark_writes_results(tmp_path):
     )
     rows = json.loads((tmp_path / "toy.json").read_text())["rows"]
     memory = {(r["method"], r["depth"]): r["live_mib"] for r in rows if "live_mib" in r}
-    fingerprints = 2 * (6 - 2) * 16 / 2**20  # the recomputation check: 16 bytes per step
+    fingerprints = 2 * (6 - 2) * 8 / 2**20  # the recomputation check: 8 bytes per step
     assert memory[("torchrev", 6)] - memory[("torchrev", 2)] == pytest.approx(fingerprints)
     assert memory[("plain autograd", 6)] > memory[("torchrev", 6)]
     # Exact reversal: a correction per step, far less than plain autograd keeps per block.
@@ -71,7 +71,7 @@ def test_models_benchmark_quick(tmp_path):
     rows = json.loads((tmp_path / "models-cpu-quick.json").read_text())["rows"]
     for name in {r["model"] for r in rows}:
         shallow, deep = [r for r in rows if r["model"] == name]
-        fingerprints = deep["float_live_mib"] - shallow["float_live_mib"]  # 16 bytes per step
+        fingerprints = deep["float_live_mib"] - shallow["float_live_mib"]  # 8 bytes per step
         assert 0 <= fingerprints <= 1024 / 2**20
         exact_growth = deep["reversible_live_mib"] - shallow["reversible_live_mib"]
         plain_growth = deep["plain_live_mib"] - shallow["plain_live_mib"]
