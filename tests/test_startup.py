@@ -52,6 +52,8 @@ def test_once_dynamo_is_loaded_the_engine_breaks_the_graph_as_the_decorator_did(
 INTERRUPT_DURING_IMPORT = """
 import builtins, os, signal, sys
 sys.path.insert(0, {root!r})
+# A shell starts background jobs with SIGINT ignored, and Python then keeps ignoring it.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 real_import = builtins.__import__
 
 def interrupting(name, *args, **kwargs):
