@@ -251,3 +251,30 @@ def test_fused_passes_give_the_eager_passes_bits(monkeypatch):
         assert all(torch.equal(a, b) for a, b in zip(eager.levels, fast.levels))
         assert torch.equal(eager.index, fast.index) and torch.equal(eager.stats, fast.stats)
         assert same_bits(back, x) and same_bits(fast_back, x)
+
+
+def test_fused_passes_fall_back_to_eager_where_nothing_compiles(monkeypatch):
+    """A machine without Triton or a C++ compiler: one warning, then the same bits eagerly."""
+    import torchrev._core.fused as fused
+
+    def cannot_compile(fn, **options):
+        def run(*args):
+            raise RuntimeError("no compiler here")
+
+        return run
+
+    monkeypatch.setattr(fused, "FUSE", True)
+    monkeypatch.setattr(fused, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", cannot_compile)
+    torch.manual_seed(0)
+    x = torch.randn(4099)
+    h = 8 * torch.randn(4099)
+    rebuilt = (x + h) - h
+    with pytest.warns(UserWarning, match="could not compile"):
+        correction = Correction.between(x, rebuilt.clone())
+    assert same_bits(correction.apply_(rebuilt.clone()), x)
+    monkeypatch.setattr(fused, "FUSE", False)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(correction.levels, Correction.between(x, rebuilt.clone()).levels)
+    )

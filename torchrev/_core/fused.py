@@ -17,6 +17,7 @@ runs: Dynamo does not run under the former, and the latter compiles the whole gr
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +28,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 #: Whether exact reversal's passes are fused: None for CUDA only, or True or False everywhere.
 FUSE: bool | None = None
 _STORE = {8: torch.int8, 16: torch.int16}
-_COMPILED: dict[str, Callable[..., Any]] = {}
+_COMPILED: dict[str, Callable[..., Any] | None] = {}  # None: could not compile
 
 
 def fused(t: Tensor) -> bool:
@@ -38,10 +39,25 @@ def fused(t: Tensor) -> bool:
     return not torch.compiler.is_compiling()
 
 
-def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
-    if fn.__name__ not in _COMPILED:
-        _COMPILED[fn.__name__] = torch.compile(fn, dynamic=True)
-    return _COMPILED[fn.__name__]
+def _run(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` compiled; where this machine cannot compile it (no Triton, no C++
+    compiler), the same function eagerly, with a warning the first time."""
+    name = fn.__name__
+    if _COMPILED.get(name) is None:
+        if name in _COMPILED:  # failed before
+            return fn(*args)
+        _COMPILED[name] = torch.compile(fn, dynamic=True)
+    try:
+        return _COMPILED[name](*args)  # type: ignore[misc]
+    except Exception as error:  # the backend's failure, whatever its type
+        _COMPILED[name] = None
+        warnings.warn(
+            f"torchrev could not compile exact reversal's fused passes ({type(error).__name__}: "
+            f"{error}); they run eagerly, with the same results. Set "
+            f"torchrev._core.fused.FUSE = False to skip the attempt.",
+            stacklevel=2,
+        )
+        return fn(*args)
 
 
 def _narrow_codes(x_bits: Tensor, r_bits: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -56,7 +72,7 @@ def _narrow_codes(x_bits: Tensor, r_bits: Tensor, width: int) -> tuple[Tensor, T
 def narrow_codes(x_bits: Tensor, r_bits: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor]:
     """``width``-bit codes of ``x_bits - r_bits`` (1-D, unpacked: one per byte below 8 bits),
     where they do not fit, and how many do not, in one pass."""
-    return _compiled(_narrow_codes)(x_bits, r_bits, width)
+    return _run(_narrow_codes, x_bits, r_bits, width)
 
 
 def _add_codes(bits: Tensor, packed: Tensor, width: int, count: int) -> None:
@@ -69,4 +85,4 @@ def _add_codes(bits: Tensor, packed: Tensor, width: int, count: int) -> None:
 def add_codes_(bits: Tensor, packed: Tensor, width: int) -> None:
     """Add the ``width``-bit codes packed below 8 bits a byte (``exact._pack``) to the 1-D
     ``bits``, in place, in one pass."""
-    _compiled(_add_codes)(bits, packed, width, bits.numel())
+    _run(_add_codes, bits, packed, width, bits.numel())
