@@ -11,6 +11,7 @@ starts (the planned corrections' statistics).
 
 import pytest
 import torch
+from torch import nn
 
 import torchrev
 import torchrev._core.widths
@@ -114,6 +115,10 @@ def test_the_counter_sees_host_reads():
         "aten.index": 1,
         "aten.equal": 1,
     }
+    with SyncCounter() as reads:  # a copy between host and device ("meta" stands in for one)
+        x.to("meta")
+        x.to("meta", non_blocking=True)
+    assert dict(reads.counts) == {"aten._to_copy": 1}
 
 
 @pytest.mark.filterwarnings("ignore:block 0")  # tiny streams: most differences are wide
@@ -160,3 +165,39 @@ def test_planned_room_stays_close_to_what_the_data_needs():
         bits.append(torchrev.check_reversibility(stack, *x).stored_bits)
         counted_step(stack, x)
     assert bits[0] < bits[1] <= bits[0] + 0.5, bits
+
+
+@pytest.mark.filterwarnings("ignore:block 0")
+def test_a_replayed_step_reads_a_stateful_branchs_buffers_as_its_forward_did(monkeypatch):
+    """The replay behind an overflow (recover.py) runs spectral normalisation, which reads its
+    power-iteration vector and then updates it, on the value the forward read: gradients and
+    buffers are plain autograd's bit for bit."""
+    replays = []
+    record_again = recover._record_again
+    monkeypatch.setattr(recover, "_record_again", lambda *a: replays.append(record_again(*a)))
+    torch.manual_seed(0)
+
+    def branch():
+        return nn.Sequential(nn.utils.spectral_norm(nn.Linear(WIDTH, WIDTH)), nn.Dropout(0.1))
+
+    def build():
+        blocks = [torchrev.AdditiveCoupling(branch(), branch()) for _ in range(2)]
+        return torchrev.ReversibleSequential(*blocks, exact=True)
+
+    stack, plain = build(), build()
+    for _ in range(2):  # plans from data where few differences escape
+        sum(y.sum() for y in stack(*[torch.randn(BATCH, WIDTH) for _ in range(2)])).backward()
+    plain.load_state_dict(stack.state_dict())  # the parameters and vectors as they are now
+    plain.reversible = False
+    tiny = [1e-6 * torch.randn(BATCH, WIDTH) for _ in range(2)]
+    results = []
+    for model in (stack, plain):
+        model.zero_grad()
+        x = [t.clone().requires_grad_() for t in tiny]
+        torch.manual_seed(1)
+        sum((y**2).sum() for y in model(*x)).backward()
+        grads = [t.grad for t in x] + [p.grad for p in model.parameters()]
+        results.append((grads, [b.clone() for b in model.buffers()]))
+    assert len(replays) == 1
+    for a, b in zip(results[0][0] + results[0][1], results[1][0] + results[1][1]):
+        assert torch.equal(a, b)

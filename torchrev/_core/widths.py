@@ -73,9 +73,10 @@ def sample_misses(sample: Tensor, full: int) -> Tensor:
     magnitude = sample.abs()
     # abs of the most negative value is itself: it fits no width.
     magnitude = torch.where(magnitude < 0, torch.iinfo(sample.dtype).max, magnitude)
+    # One comparison per width against a Python scalar: a tensor of the thresholds would be
+    # copied from host memory to the device on every step, and that copy waits for the queue.
     thresholds = [1 << (w - 1) for w in candidate_widths(full)]
-    bounds = torch.tensor(thresholds, dtype=sample.dtype, device=sample.device)
-    misses = (magnitude.unsqueeze(1) >= bounds).sum(0, dtype=torch.int32)
+    misses = torch.stack([(magnitude >= t).sum(dtype=torch.int32) for t in thresholds])
     size = torch.full((1,), sample.numel(), dtype=torch.int32, device=sample.device)
     return torch.cat([misses, size])
 

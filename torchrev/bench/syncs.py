@@ -49,7 +49,23 @@ def _reads_host(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> boo
         )
     if packet is aten.repeat_interleave:
         return kwargs.get("output_size") is None and (len(args) < 4 or args[3] is None)
+    if packet in (aten._to_copy, aten.copy_):
+        return _crosses_host(func, args, kwargs)
     return packet is aten.bincount  # sizes its output from its largest value
+
+
+def _crosses_host(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether a copy moves data between host memory and a device without ``non_blocking``:
+    from pageable memory torch waits for the copy, and so for everything queued before it."""
+    if kwargs.get("non_blocking") or (len(args) > 2 and args[2] is True):
+        return False
+    if func.overloadpacket is aten.copy_:
+        source, target = args[1], args[0].device
+    else:
+        source, target = args[0], kwargs.get("device") or args[0].device
+    if not isinstance(source, torch.Tensor):
+        return False
+    return (source.device.type == "cpu") != (torch.device(target).type == "cpu")
 
 
 class SyncCounter(TorchDispatchMode):
