@@ -301,3 +301,35 @@ def test_plain_paths_compile_into_one_graph(path):
         compiled(x)
     else:
         compiled(x).sum().backward()
+
+
+def test_stack_operators_are_left_out_of_cuda_graphs():
+    """NOTE [CUDA graphs]: the engine reads the host, so its operators are tagged
+    cudagraph-unsafe and Inductor partitions a captured step around them."""
+    unsafe = getattr(torch.Tag, "cudagraph_unsafe", None)
+    if unsafe is None:
+        pytest.skip("this torch has no cudagraph_unsafe tag")
+    for op in (torch.ops.torchrev.stack_call, torch.ops.torchrev.stack_call_backward):
+        assert unsafe in op.default.tags
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_reduce_overhead_captures_the_step_around_the_stack_on_the_eager_gradients():
+    """``mode="reduce-overhead"``: the stem and head run as CUDA graphs, the stack between
+    them eagerly (NOTE [CUDA graphs]); no graph is skipped, and three steps give the eager
+    model's gradients (to rounding: Inductor fuses the layers around the stack)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager, captured = model().cuda(), model().cuda()
+    compiled = torch.compile(captured, mode="reduce-overhead")
+    x = torch.randn(5, 8, device="cuda")
+    for step in range(3):
+        for p in (*eager.parameters(), *captured.parameters()):
+            p.grad = None
+        reference = train_step(eager, x, seed=step)
+        got = train_step(compiled, x, seed=step)
+        for a, b in zip(got, reference, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert counters["inductor"]["cudagraph_skips"] == 0

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from .exact import ExactStep
     from .overlap import Overlap
     from .sharding import Sharding
+    from .staged import Staged
 
 
 @dataclass
@@ -106,11 +107,13 @@ class Call:
         self.anchor: Tensor | None = None  # makes a step with only FSDP2 parameters need grad
         self.overlap: Overlap | None = None  # NOTE [overlapped rebuilds]
         # NOTE [planned capacities]: whether exact corrections are planned ahead; then the
-        # steps in forward order, those whose statistics the backward reads first, and the
-        # stack's input (weak references: a step refers to its call).
+        # steps in forward order, those whose statistics the backward reads first, those
+        # statistics on their way to the host (NOTE [staged reads]), and the stack's input
+        # (weak references: a step refers to its call).
         self.ahead = bool(exact) and plans_ahead(device)
         self.steps: list[weakref.ref[Any]] = []
         self.planned: list[weakref.ref[Any]] = []
+        self.staged: Staged | None = None
         self.inputs: tuple[Tensor, ...] | None = None
 
     def kwargs(self, tensors: Sequence[Tensor]) -> dict[str, Any]:

@@ -238,7 +238,7 @@ class Correction:
         return self.sizes[-1] > self.sizes[0] / 2
 
 
-def _fractions(values: list[float]) -> list[float]:
+def _fractions(values: Sequence[float]) -> list[float]:
     """The misses of :func:`sample_misses` as fractions of the sample."""
     *misses, size = values
     return [m / max(1.0, size) for m in misses]
@@ -344,7 +344,7 @@ class ExactStep(NamedTuple):
         as the forward's (not ``revert_``, which may round differently), then the correction."""
         return self.correction.apply_(block.revert(y, h, step).to(self.dtype))
 
-    def settle(self, values: list[float]) -> tuple[tuple[int, int, int] | None, bool]:
+    def settle(self, values: Sequence[float]) -> tuple[tuple[int, int, int] | None, bool]:
         """Plan the next call from this one's statistics (``correction.stats``, read); return
         the level that overflowed with its count and room, if any, and whether most
         differences needed the stream type's full width (the inverse misses by more than

@@ -30,6 +30,7 @@ from .errors import DOUBLE_BACKWARD, ReversibilityError
 from .overlap import Overlap
 from .recover import settle_planned
 from .sharding import Sharding
+from .staged import Staged
 from .step import Step
 
 __all__ = ["Trace", "reversible_forward"]
@@ -170,6 +171,9 @@ def reversible_forward(
             step.below, below = below, step
             values[step.target] = previous = _apply(step, contents, values, previous)
     call.passthrough = unread
+    if call.planned:  # NOTE [staged reads]
+        stats = [ref().exact.correction.stats for ref in call.planned]  # type: ignore[union-attr]
+        call.staged = Staged(torch.cat(stats))
     return _Outputs.apply(call, *values)
 
 

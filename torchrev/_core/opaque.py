@@ -295,6 +295,14 @@ def _autocast_kernel(
 
 _LIBRARY = torch.library.Library("torchrev", "FRAGMENT")
 
+# NOTE [CUDA graphs]: a CUDA graph replays kernels without the host, so it cannot hold the
+# engine, which compares generator states and reads its checks on the host (once per backward,
+# NOTE [one read per backward]) and keeps a CPU handle. Tagged cudagraph-unsafe, the operators
+# are left out of the graphs: under ``mode="reduce-overhead"`` Inductor partitions the compiled
+# step around each stack call and captures everything else (graph partition, on by default
+# since torch 2.9). A torch without the tag skips CUDA graphs for such a step instead.
+_UNCAPTURED = tuple(t for t in (getattr(torch.Tag, "cudagraph_unsafe", None),) if t is not None)
+
 
 def _define() -> bool:
     """Register the operator pair; False where this torch cannot (before 2.5: no operator
@@ -306,10 +314,14 @@ def _define() -> bool:
             "torchrev::stack_call",
             _stack_call,
             mutates_args=(),
-            tags=(torch.Tag.nondeterministic_seeded,),  # dropout inside: never merge two calls
+            # dropout inside: never merge two calls; NOTE [CUDA graphs]
+            tags=(torch.Tag.nondeterministic_seeded, *_UNCAPTURED),
         )
         backward = torch.library.custom_op(
-            "torchrev::stack_call_backward", _stack_call_backward, mutates_args=()
+            "torchrev::stack_call_backward",
+            _stack_call_backward,
+            mutates_args=(),
+            tags=_UNCAPTURED,
         )
     except (AttributeError, TypeError):  # pragma: no cover - older torch
         return False

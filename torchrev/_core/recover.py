@@ -4,7 +4,8 @@ NOTE [planned capacities] (:mod:`.widths`) sizes each step's correction from ear
 the forward never reads the device; the price is that a call whose data jumps (the first
 steps of fine-tuning, a learning rate that moves the weights far) may escape more than the
 room planned, and the correction loses bits. The stack's backward therefore starts with one
-read of every step's statistics (:func:`settle_planned`), which also plans the next call.
+read of every step's statistics, copied to the host as the forward ended (:func:`settle_planned`,
+NOTE [staged reads]), which also plans the next call.
 Where a step overflowed, the forward is replayed from the stack's input, kept for this (the
 one stream-sized cost of planning ahead, whatever the depth): each branch under its forward's
 RNG, autocast, modes and buffers (NOTE [buffer replay]), its output checked against the
@@ -46,20 +47,20 @@ def replayed_branch(step: Any, sources: list[Tensor]) -> Tensor:
 
 
 def settle_planned(call: Call) -> None:
-    """Read the planned steps' statistics in one transfer, plan their next call, and record
-    again the corrections that overflowed (see the module's NOTE)."""
+    """Read the planned steps' statistics (staged by the forward: NOTE [staged reads]), plan
+    their next call, and record again the corrections that overflowed (see the module's
+    NOTE)."""
+    staged, call.staged = call.staged, None
+    if staged is None:
+        return  # settled by an earlier backward of a graph kept with retain_graph
     steps = [ref() for ref in call.planned]
     call.planned = []
-    exacts: list[ExactStep] = [s.exact for s in steps]
-    stats = [e.correction.stats for e in exacts]
-    if not steps or any(t is None for t in stats):
-        return  # settled by an earlier backward of a graph kept with retain_graph
-    flat = torch.cat([t.to(torch.float64) for t in stats]).tolist()  # type: ignore[union-attr]
-    overflowed, start = [], 0
-    for step, exact in zip(steps, exacts):
-        values = flat[start : start + exact.correction.stats.numel()]  # type: ignore[union-attr]
+    flat, start, overflowed = staged.read(), 0, []
+    for step in steps:
+        exact: ExactStep = step.exact
+        stats, exact.correction.stats = exact.correction.stats, None
+        values = flat[start : start + stats.numel()]  # type: ignore[union-attr]
         start += len(values)
-        exact.correction.stats = None
         overflow, full_width = exact.settle(values)
         if full_width:
             numel = exact.correction.sizes[0]

@@ -12,14 +12,15 @@ standard deviations and a floor. The forward fills the slots with ``nonzero_stat
 (positions in order, padded) and keeps, on the device, the sample's statistics and how many
 escapes each level really had.
 
-The stack's backward starts by reading them all at once (:func:`.recover.settle_planned`):
+The stack's backward starts by reading them all at once, from host memory, where the forward
+queued a copy of them as it ended (:func:`.recover.settle_planned`, NOTE [staged reads]):
 they plan the next call, and a step whose data escaped more than its room (the data jumped:
 the first steps of fine-tuning move the weights far) has its correction recorded again from a
 replay of the forward, so no gradient ever depends on the plan. Trade-off: slots the data left
 unused (a fraction of a bit per element), the stack's input kept for the replay (a constant,
-whatever the depth), and one device read when the backward starts, against one or more per
-step. The first call of a step has no statistics and sizes from the data (a warm-up, as cuDNN's
-benchmark mode).
+whatever the depth), and one wait when the backward starts, for the forward's own kernels only,
+against a read that drains the queue on every step. The first call of a step has no
+statistics and sizes from the data (a warm-up, as cuDNN's benchmark mode).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import itertools
 import math
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -130,7 +132,7 @@ class StepPlanner:
             capacities.append(bound)
         return Levels(widths, tuple(capacities))
 
-    def update(self, values: list[float], levels: Levels, n: int) -> int | None:
+    def update(self, values: Sequence[float], levels: Levels, n: int) -> int | None:
         """Learn from a call's statistics (:func:`sample_misses` and each level's true escape
         count, read from the device); the level whose escapes overflowed, if any."""
         widths = candidate_widths(self.full)

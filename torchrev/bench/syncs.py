@@ -5,7 +5,9 @@ the host must read (``.item()``, ``.tolist()``, ``torch.equal``, ``nonzero``, bo
 indexing, ...) stalls it until every queued kernel has run, which also stops a second CUDA
 stream from overlapping anything and makes CUDA-graph capture impossible. :class:`SyncCounter`
 sees every such operation through the dispatcher, so the property "this step never waits for
-the device" can be tested on a CPU, where nothing actually waits.
+the device" can be tested on a CPU, where nothing actually waits. It counts apart the engine's
+staged reads (NOTE [staged reads] in ``torchrev._core.staged``): a wait for a copy queued behind
+the forward's own kernels, which leaves what was queued after them running.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+
+from .._core.staged import Staged
 
 __all__ = ["SyncCounter"]
 
@@ -70,7 +74,8 @@ def _crosses_host(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> b
 
 class SyncCounter(TorchDispatchMode):
     """Counts host reads of tensors on ``device`` (every device where ``device`` is None),
-    by operation, while it is active: ``counts["aten.nonzero"] == 3``, ``total``.
+    by operation, while it is active: ``counts["aten.nonzero"] == 3``, ``total``; and apart,
+    ``staged``, the engine's waits for values it copied to the host earlier.
 
     ``Tensor.tolist`` and ``Tensor.numpy``, which copy to the host without passing through
     the dispatcher for CPU tensors, are counted too. Reads of a CPU tensor made on the host
@@ -82,6 +87,7 @@ class SyncCounter(TorchDispatchMode):
         super().__init__()
         self.device = None if device is None else torch.device(device)
         self.counts: Counter[str] = Counter()
+        self.staged = 0
         self._saved: dict[str, Any] = {}
 
     @property
@@ -108,10 +114,18 @@ class SyncCounter(TorchDispatchMode):
             original = getattr(torch.Tensor, name)
             self._saved[name] = original
             setattr(torch.Tensor, name, self._counting(name, original))
+        read = self._saved["Staged.read"] = Staged.read
+
+        def staged_read(staged: Staged) -> list[int]:
+            self.staged += 1
+            return read(staged)
+
+        Staged.read = staged_read  # type: ignore[method-assign]
         return super().__enter__()
 
     def __exit__(self, *exc: Any) -> None:
         super().__exit__(*exc)
+        Staged.read = self._saved.pop("Staged.read")  # type: ignore[method-assign]
         for name, original in self._saved.items():
             setattr(torch.Tensor, name, original)
         self._saved.clear()
