@@ -4,7 +4,8 @@ The engine benchmark's stack (``depth`` additive couplings, Linear-GELU-Linear b
 ``width`` features) trained with ``exact=False`` (the reference: the float engine, which checks
 each recomputation against a float64 fingerprint of its forward), ``exact=False`` without that
 check, ``exact=True`` and ``exact="compact"``, the last two each with exact reversal's
-elementwise passes eager and fused by torch.compile (``torchrev._core.fused.FUSE``). Steps are
+level-0 passes as the CPU runs them by default (compiled C loops, ``torchrev._core.native``), as
+eager operators (their reference) and fused by torch.compile (``torchrev._core.fused``). Steps are
 interleaved round by round and each ratio is taken within a round
 (``torchrev.bench.median_ratio``); by default the clock is this process's CPU time on one
 thread, which other processes on a shared machine do not inflate.
@@ -14,8 +15,8 @@ step (encode in the forward, decode in the backward), which weigh against the br
 arithmetic per element, so the ratio falls with the width. ``extra bytes/elem`` is that
 traffic, measured: every operator's tensor bytes read and written during a training step,
 counted through the dispatcher (views excluded), over the float engine's, per stream element
-per step. The fused passes run compiled code the dispatcher does not see, so their traffic is
-not measured. ``bits`` is what the correction stores per element per step.
+per step, for the eager passes (the C loops and the fused passes run code the dispatcher does
+not see). ``bits`` is what the correction stores per element per step.
 
 Run ``python benchmarks/exact.py`` (about 5 minutes on one core); writes
 ``benchmarks/results/exact-cpu.{md,json,csv}``.
@@ -36,15 +37,19 @@ from torch.utils._pytree import tree_leaves
 
 import torchrev
 import torchrev._core.fused as fused
+import torchrev._core.native as native
 from torchrev.bench import interleaved_times, median_ratio, retain_freed_memory, write_results
 
 RESULTS = Path(__file__).parent / "results"
+#: mode: (exact, how the passes run: the CPU's default C loops, eager operators, torch.compile)
 MODES = {
-    "float, recomputation unchecked": (False, False),
-    "exact=True": (True, False),
-    "exact=True, fused": (True, True),
-    "compact": ("compact", False),
-    "compact, fused": ("compact", True),
+    "float, recomputation unchecked": (False, "native"),
+    "exact=True": (True, "native"),
+    "exact=True, eager passes": (True, "eager"),
+    "exact=True, fused": (True, "fused"),
+    "compact": ("compact", "native"),
+    "compact, eager passes": ("compact", "eager"),
+    "compact, fused": ("compact", "fused"),
 }
 
 
@@ -82,9 +87,10 @@ def stack(width: int, depth: int, exact: bool | str, check: bool = True) -> nn.M
     return torchrev.ReversibleSequential(*couplings, exact=exact, check_recompute=check)
 
 
-def step_of(model: nn.Module, x: list[torch.Tensor], fuse: bool):
+def step_of(model: nn.Module, x: list[torch.Tensor], passes: str):
     def step() -> None:
-        fused.FUSE = fuse
+        fused.FUSE = passes == "fused"
+        native.NATIVE = None if passes == "native" else False
         y1, y2 = model(*x)
         (y1.square().mean() + y2.square().mean()).backward()
 
@@ -94,19 +100,26 @@ def step_of(model: nn.Module, x: list[torch.Tensor], fuse: bool):
 def measure(width: int, args: argparse.Namespace) -> list[dict]:
     batch = args.elements // width
     x = [torch.randn(batch, width, requires_grad=True) for _ in range(2)]
-    steps = {"float": step_of(stack(width, args.depth, False), x, False)}
+    steps = {"float": step_of(stack(width, args.depth, False), x, "native")}
     bits = {}
-    for name, (exact, fuse) in MODES.items():
+    for name, (exact, passes) in MODES.items():
         model = stack(width, args.depth, exact, check="unchecked" not in name)
-        steps[name] = step_of(model, x, fuse)
+        steps[name] = step_of(model, x, passes)
         bits[name] = torchrev.check_reversibility(model, *(t.detach() for t in x)).stored_bits
     for step in steps.values():  # compile the fused passes, plan the corrections
         step()
-    moved = {name: traffic(step) for name, step in steps.items() if "fused" not in name}
+    # Under a dispatch mode the passes run as eager operators (native.usable, fused.fused).
+    seen = (
+        "float",
+        "float, recomputation unchecked",
+        "exact=True, eager passes",
+        "compact, eager passes",
+    )
+    moved = {name: traffic(steps[name]) for name in seen}
     elements = x[0].numel() * 2 * args.depth  # stream elements the steps update: two a coupling
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     times = interleaved_times(steps, repeats=args.repeats, warmup=1, clock=clock)
-    fused.FUSE = None
+    fused.FUSE, native.NATIVE = None, None
     rows = []
     for name in MODES:
         ratio = median_ratio(times[name], times["float"])

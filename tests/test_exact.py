@@ -1,5 +1,7 @@
 """Exact reversal: bit-identical inverses, and with them plain autograd's gradients bit for bit."""
 
+import shutil
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -234,8 +236,10 @@ def test_fused_passes_give_the_eager_passes_bits(monkeypatch):
     """The fused encode and decode (torch.compile'd, :mod:`torchrev._core.fused`) store and
     rebuild the same bits as the eager reference, planned ahead or sized from the data."""
     import torchrev._core.fused as fused
+    import torchrev._core.native as native
     from torchrev._core.widths import Levels
 
+    monkeypatch.setattr(native, "NATIVE", False)  # the eager reference, not the C loops
     torch.manual_seed(0)
     x = torch.randn(4099)
     h = 8 * torch.randn(4099)
@@ -256,6 +260,9 @@ def test_fused_passes_give_the_eager_passes_bits(monkeypatch):
 def test_fused_passes_fall_back_to_eager_where_nothing_compiles(monkeypatch):
     """A machine without Triton or a C++ compiler: one warning, then the same bits eagerly."""
     import torchrev._core.fused as fused
+    import torchrev._core.native as native
+
+    monkeypatch.setattr(native, "NATIVE", False)
 
     def cannot_compile(fn, **options):
         def run(*args):
@@ -278,3 +285,62 @@ def test_fused_passes_fall_back_to_eager_where_nothing_compiles(monkeypatch):
         torch.equal(a, b)
         for a, b in zip(correction.levels, Correction.between(x, rebuilt.clone()).levels)
     )
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    dtype=st.sampled_from(FLOATS),
+    n=st.integers(1, 5000),
+    ulps=st.sampled_from([0, 1, 3, 8, 200, 2**20]),
+    escapes=st.sampled_from([0.0, 0.01, 0.3, 1.0]),
+    seed=st.integers(0, 2**16),
+    compact=st.booleans(),
+)
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler to build the loops")
+def test_the_cpu_loops_store_and_rebuild_the_eager_passes_bits(
+    dtype, n, ulps, escapes, seed, compact
+):
+    """:mod:`torchrev._core.native` against its reference, the eager passes: the same widths,
+    codes, escapes and positions, and the same rebuilt bits, for every code width the data
+    picks (wrapping differences and the type's extremes included)."""
+    import torchrev._core.native as native
+
+    generator = torch.Generator().manual_seed(seed)
+    int_type = BITS[dtype]
+    info = torch.iinfo(int_type)
+    bits = torch.randint(-(2**15), 2**15, (n,), generator=generator).to(int_type)
+    noise = torch.randint(-ulps, ulps + 1, (n,), generator=generator).to(int_type)
+    far = torch.rand(n, generator=generator) < escapes
+    noise[far] = torch.randint(info.min, info.max, (int(far.sum()),), generator=generator).to(
+        int_type
+    )
+    bits[: min(n, 2)] = torch.tensor([info.min, info.max])[: min(n, 2)].to(int_type)
+    x, rebuilt = bits.view(dtype), (bits - noise).view(dtype)
+    assert native.usable(x)
+    results = []
+    for use in (False, None):
+        native.NATIVE = use
+        try:
+            c = Correction.between(x, rebuilt.clone(), compact)
+            results.append((c, c.apply_(rebuilt.clone())))
+        finally:
+            native.NATIVE = None
+    (eager, eager_back), (loops, loops_back) = results
+    assert (eager.widths, eager.sizes) == (loops.widths, loops.sizes)
+    assert all(torch.equal(a, b) for a, b in zip(eager.levels, loops.levels))
+    assert (eager.index is None and loops.index is None) or torch.equal(eager.index, loops.index)
+    assert same_bits(eager_back, x) and same_bits(loops_back, x)
+
+
+def test_the_cpu_loops_fall_back_to_eager_without_a_compiler(monkeypatch, tmp_path):
+    import torchrev._core.native as native
+
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("TORCHREV_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "_LIBRARY", [])
+    x = torch.randn(4099)
+    rebuilt = (x + 8) - 8
+    with pytest.warns(UserWarning, match="could not build"):
+        correction = Correction.between(x, rebuilt.clone())
+    assert same_bits(correction.apply_(rebuilt.clone()), x)
+    assert not native.usable(x)

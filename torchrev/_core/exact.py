@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Literal, NamedTuple
 import torch
 from torch import Tensor
 
+from . import native
 from .block import AbstractReversibleBlock
 from .call import warn_full_width
 from .fingerprint import BITS
@@ -60,6 +61,7 @@ from .widths import (
     Levels,
     StepPlanner,
     candidate_widths,
+    capacity,
     choose_widths,
     planner,
     sample_misses,
@@ -158,9 +160,12 @@ class Correction:
         full = torch.iinfo(int_type).bits
         every = max(1, x_bits.numel() // SAMPLES)
         stats = [sample_misses(x_bits[::every] - r_bits[::every], full)]
+        guess = 0  # how many escape level 0, foretold by the sample
         if layout is None:
             reach = dict(zip(candidate_widths(full), _fractions(stats[0].tolist())))
             widths, capacities = choose_widths(reach, full, compact), None
+            if widths:
+                guess = capacity(reach[widths[0]], x_bits.numel(), x_bits.numel())
         else:
             widths, capacities = layout.widths, layout.capacities
         if not widths:  # every difference at full width: nothing to code
@@ -172,7 +177,7 @@ class Correction:
             sizes.append(x_bits.numel() if diff is None else diff.numel())
             room = None if capacities is None else capacities[level]
             if diff is None:
-                codes, escapes, count, values = _first_level(x_bits, r_bits, width, room)
+                codes, escapes, count, values = _first_level(x_bits, r_bits, width, room, guess)
             else:
                 codes, escapes, count = _encode(diff, width, room)
                 values = diff.take(escapes)
@@ -196,7 +201,13 @@ class Correction:
             bits.add_(self.levels[0].view(bits.shape))
             return rebuilt
         width = self.widths[0]
-        if width < 8 and self.index is not None and fused(bits):
+        if width < 8 and native.usable(bits, self.levels[0]):
+            native.add_codes_(bits.view(-1), self.levels[0], width)
+            if self.index is None:  # compact: search the codes again
+                escapes = native.sentinels(self.levels[0], self.sizes[0], width, self.sizes[1])
+            else:
+                escapes = self.index.long()
+        elif width < 8 and self.index is not None and fused(bits):
             add_codes_(bits.view(-1), self.levels[0], width)
             escapes = self.index.long()
         else:
@@ -245,10 +256,14 @@ def _fractions(values: Sequence[float]) -> list[float]:
 
 
 def _first_level(
-    x_bits: Tensor, r_bits: Tensor, width: int, room: int | None
+    x_bits: Tensor, r_bits: Tensor, width: int, room: int | None, guess: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Level 0 of ``x_bits - r_bits`` as :func:`_encode` codes it, and the escapes' values;
-    overwrites ``r_bits``. Fused, the differences are never written out (:mod:`.fused`)."""
+    may overwrite ``r_bits``. Fused or native, the differences are never written out
+    (:mod:`.fused`, :mod:`.native`); ``guess``: how many escapes the sample foretells."""
+    if room is None and native.usable(x_bits, r_bits):
+        codes, escapes, values = native.encode(x_bits, r_bits, width, guess)
+        return codes, escapes, torch.full((), escapes.numel()), values
     if not fused(x_bits):
         diff = torch.sub(x_bits, r_bits, out=r_bits)
         codes, escapes, count = _encode(diff, width, room)
@@ -338,11 +353,18 @@ class ExactStep(NamedTuple):
             correction.stats = None
         return cls(correction, x.dtype, plans)
 
-    def rebuild(self, block: AbstractReversibleBlock, step: int, y: Tensor, h: Tensor) -> Tensor:
+    def rebuild(
+        self, block: AbstractReversibleBlock, step: int, y: Tensor, h: Tensor, in_place: bool
+    ) -> Tensor:
         """The ``x`` that :meth:`record` saw, from ``y`` and the recomputed ``h`` (whose
         checksum the caller compared: NOTE [recomputation checksum]): the same ``revert`` call
-        as the forward's (not ``revert_``, which may round differently), then the correction."""
-        return self.correction.apply_(block.revert(y, h, step).to(self.dtype))
+        as the forward's, or ``revert_`` where it gives the same bits and ``in_place`` lets it
+        overwrite ``y``, then the correction."""
+        if in_place and block.reverts_exactly_in_place:
+            rebuilt = block.revert_(y, h, step)
+        else:
+            rebuilt = block.revert(y, h, step)
+        return self.correction.apply_(rebuilt.to(self.dtype))
 
     def settle(self, values: Sequence[float]) -> tuple[tuple[int, int, int] | None, bool]:
         """Plan the next call from this one's statistics (``correction.stats``, read); return
@@ -379,6 +401,6 @@ def rebuild(step: Step, y: Tensor, h: Tensor, in_place: bool) -> Tensor:
     made exact by the step's correction if it has one. ``in_place`` may overwrite ``y``."""
     block, index = step.block, step.index
     if step.exact is not None:
-        return step.exact.rebuild(block, index, y, h)
+        return step.exact.rebuild(block, index, y, h, in_place)
     revert = block.revert_ if in_place else block.revert
     return revert(y, h, index).to(step.dtype)

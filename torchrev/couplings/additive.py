@@ -17,6 +17,7 @@ class AdditiveCoupling(AbstractCoupling):
     """
 
     amplifies_rounding = False  # type: ignore[assignment]
+    reverts_exactly_in_place = True
 
     def update(self, x: Tensor, h: Tensor, step: int) -> Tensor:
         return x + h

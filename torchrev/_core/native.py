@@ -1,0 +1,137 @@
+"""Exact reversal's level-0 passes on the CPU as compiled C loops: one pass each.
+
+Trade-off: a C compiler at first use (well under a second; the library is cached per machine
+and per source, in ``$TORCHREV_CACHE`` or ``~/.cache/torchrev``), against the eager passes'
+traffic. Eager, a forward step's correction subtracts the bit patterns, clamps, narrows, masks,
+compares, searches and packs: about 47 bytes moved per element, where one loop reads ``x`` and
+``x'`` (8 bytes for float32) and writes the codes (half a byte at 4 bits); the backward's unpack
+and add fall from three passes to one. The loops are :file:`exact_kernels.c`; the eager code in
+:mod:`.exact` is their reference (``tests/test_exact.py`` compares the bits).
+
+:data:`NATIVE` chooses: None (the default) uses the loops on the CPU wherever they build, with
+one warning where they do not (no C compiler); False never. GPUs use :mod:`.fused` instead.
+The loops run on one thread, and release the GIL, like every ctypes call. Under a dispatch mode
+(the memory and sync counters of :mod:`torchrev.bench`) the eager passes run, so that every
+operation is seen; they hold more scratch memory than the loops, so a peak measured that way
+bounds the loops' from above.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+#: Whether exact reversal's CPU passes use the compiled loops: None where they build, or False.
+NATIVE: bool | None = None
+_SOURCE = Path(__file__).with_name("exact_kernels.c")
+_SUFFIX = {torch.int16: "int16_t", torch.int32: "int32_t", torch.int64: "int64_t"}
+_LIBRARY: list[ctypes.CDLL | None] = []  # empty: not tried yet; [None]: could not build
+
+
+def usable(*tensors: Tensor) -> bool:
+    """Whether the loops may run on ``tensors``: contiguous CPU tensors, no dispatch mode (a
+    memory or sync counter must see every operation), not while torch.compile traces."""
+    if NATIVE is False or _get_current_dispatch_mode() is not None:
+        return False
+    if not all(t.device.type == "cpu" and t.is_contiguous() for t in tensors):
+        return False
+    return not torch.compiler.is_compiling() and _library() is not None
+
+
+def _library() -> ctypes.CDLL | None:
+    if not _LIBRARY:
+        _LIBRARY.append(_load())
+    return _LIBRARY[0]
+
+
+def _load() -> ctypes.CDLL | None:
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(source + sys.platform.encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("TORCHREV_CACHE", Path.home() / ".cache" / "torchrev"))
+    built = cache / f"exact_kernels-{key}.so"
+    try:
+        if not built.exists():
+            _build(built)
+        return _declared(ctypes.CDLL(str(built)))
+    except (OSError, subprocess.CalledProcessError) as error:
+        warnings.warn(
+            f"torchrev could not build exact reversal's CPU loops ({error}); they run as eager "
+            f"passes, with the same results, a little slower. Install a C compiler (cc), or set "
+            f"torchrev._core.native.NATIVE = False to skip the attempt.",
+            stacklevel=3,
+        )
+        return None
+
+
+def _build(target: Path) -> None:
+    """Compile the source into ``target``, atomically (processes may build at once)."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise OSError("no C compiler on PATH")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        out = Path(scratch) / target.name
+        command = [compiler, "-O3", "-shared", "-fPIC", "-o", str(out), str(_SOURCE)]
+        subprocess.run(command, check=True, capture_output=True)
+        os.replace(out, target)
+
+
+def _declared(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """``lib`` with its functions' C signatures (pointers pass as ``data_ptr()`` integers)."""
+    ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    for suffix in _SUFFIX.values():
+        encode = getattr(lib, f"encode_{suffix}")
+        encode.argtypes = [ptr, ptr, i64, i64, i32, ptr, ptr, ptr, i64]
+        encode.restype = i64
+        add = getattr(lib, f"add_codes_{suffix}")
+        add.argtypes, add.restype = [ptr, ptr, i64, i64, i32], None
+    lib.sentinels.argtypes, lib.sentinels.restype = [ptr, i64, i64, i32, ptr, i64], i64
+    return lib
+
+
+def encode(x_bits: Tensor, r_bits: Tensor, width: int, room: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Level 0 of ``x_bits - r_bits`` (1-D integers) as ``exact._encode`` codes it, packed as
+    ``exact._pack`` packs it; the escapes' positions (int64, in order) and differences.
+    ``room``: how many escapes to expect (more costs a second call)."""
+    n = x_bits.numel()
+    if width < 8:
+        codes = torch.empty(-(-n // (8 // width)), dtype=torch.uint8)
+    else:
+        codes = torch.empty(n, dtype=torch.int8 if width == 8 else torch.int16)
+    fn = getattr(_library(), f"encode_{_SUFFIX[x_bits.dtype]}")
+    run = codes.numel() if width < 8 else n
+    inputs = (x_bits.data_ptr(), r_bits.data_ptr(), n, run, width, codes.data_ptr())
+    while True:
+        pos = torch.empty(room, dtype=torch.int64)
+        val = torch.empty(room, dtype=x_bits.dtype)
+        count = fn(*inputs, pos.data_ptr(), val.data_ptr(), room)
+        if count <= room:
+            return codes, pos[:count].clone(), val[:count].clone()
+        room = count  # more escaped than the sample foretold
+
+
+def add_codes_(bits: Tensor, packed: Tensor, width: int) -> None:
+    """``bits += `` the sign-extended codes of ``width < 8`` bits packed in ``packed``."""
+    fn = getattr(_library(), f"add_codes_{_SUFFIX[bits.dtype]}")
+    fn(bits.data_ptr(), packed.data_ptr(), bits.numel(), packed.numel(), width)
+
+
+def sentinels(packed: Tensor, n: int, width: int, room: int) -> Tensor:
+    """Where the ``n`` codes of ``width < 8`` bits in ``packed`` hold the reserved field, in
+    order, in ``room`` slots padded with 0 (as ``exact._positions`` gives them)."""
+    pos = torch.empty(room, dtype=torch.int64)
+    lib = _library()
+    assert lib is not None  # callers check usable() first
+    lib.sentinels(packed.data_ptr(), n, packed.numel(), width, pos.data_ptr(), room)
+    return pos
