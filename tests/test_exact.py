@@ -344,3 +344,27 @@ def test_the_cpu_loops_fall_back_to_eager_without_a_compiler(monkeypatch, tmp_pa
         correction = Correction.between(x, rebuilt.clone())
     assert same_bits(correction.apply_(rebuilt.clone()), x)
     assert not native.usable(x)
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler to build the loops")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("in_place", [True, False])
+def test_a_step_that_reverts_by_subtraction_codes_while_it_subtracts(dtype, in_place):
+    """The CPU loops compute ``x' = y - h`` while coding (the rebuilt input is never written
+    out) and the backward subtracts the same way, so the bits come back through NaNs (NaN -
+    NaN takes another sign from torch's kernels than from C), infinities and signed zeros,
+    whether a few ulps or every bit differ."""
+    from torchrev._core.exact import ExactStep
+
+    torch.manual_seed(0)
+    nan, inf = float("nan"), float("inf")
+    specials = torch.tensor([1.0, nan, -nan, inf, -inf, 0.0, -0.0], dtype=dtype)
+    coupling = torchrev.AdditiveCoupling(nn.Identity(), nn.Identity())
+    for spread in (0.0, 1.0):  # y = x + h (a few ulps), or y unrelated to x (every bit)
+        x = torch.randn(4900, dtype=dtype)
+        h = specials.repeat(700)
+        y = coupling.update(x, h, 0) if spread == 0.0 else specials.repeat_interleave(700)
+        record = ExactStep.record(coupling, 0, x, h, y)
+        assert record.subtracted
+        rebuilt = record.rebuild(coupling, 0, y.clone(), h, in_place)
+        assert same_bits(rebuilt, x)

@@ -47,11 +47,12 @@ class AbstractReversibleBlock(nn.Module, ABC):
         override this with False. True unless a block knows better."""
         return True
 
-    #: Whether :meth:`revert_` gives :meth:`revert`'s bits on every input (one operation,
-    #: rounded once either way, as ``y.sub_(h)`` and ``y - h``); exact reversal then rebuilds
-    #: in place too, one stream-sized allocation and pass less per step in backward. False
+    #: Whether every step's :meth:`revert` is ``y - h`` and :meth:`revert_` ``y.sub_(h)``: one
+    #: operation, rounded once either way, so exact reversal may rebuild in place (a
+    #: stream-sized allocation and pass less per step in backward) and, on the CPU, code its
+    #: correction while it subtracts (the forward never writes the rebuilt input out). False
     #: unless a block knows: ``(y - h) / s`` rounds twice in place on 16-bit streams.
-    reverts_exactly_in_place: bool = False
+    reverts_by_subtraction: bool = False
 
     @property
     def num_streams(self) -> int:

@@ -113,6 +113,15 @@ def check_setting(exact: object) -> Exact:
     )
 
 
+class Difference(NamedTuple):
+    """``x' = y - h`` not yet computed, for a block that reverts by subtraction
+    (:attr:`~AbstractReversibleBlock.reverts_by_subtraction`): on the CPU the correction's loops
+    subtract as they code (:func:`.native.subtracts`), and ``x'`` is never written out."""
+
+    y: Tensor
+    h: Tensor
+
+
 class Correction:
     """``bits(x) - bits(x')`` for one stream, as a cascade of ever wider codes.
 
@@ -150,16 +159,26 @@ class Correction:
 
     @classmethod
     def between(
-        cls, x: Tensor, rebuilt: Tensor, compact: bool = False, layout: Levels | None = None
+        cls,
+        x: Tensor,
+        rebuilt: Tensor | Difference,
+        compact: bool = False,
+        layout: Levels | None = None,
     ) -> Correction:
-        """What turns ``rebuilt`` back into ``x`` (same shape and float type); overwrites
+        """What turns ``rebuilt`` back into ``x`` (same shape and float type); may overwrite
         ``rebuilt``. ``layout`` plans the levels ahead; without one they are sized from the
         data, which reads the device once per level (NOTE [planned capacities])."""
         int_type = BITS[x.dtype]
-        x_bits, r_bits = x.view(int_type).reshape(-1), rebuilt.view(int_type).reshape(-1)
-        full = torch.iinfo(int_type).bits
+        x_bits = x.view(int_type).reshape(-1)
         every = max(1, x_bits.numel() // SAMPLES)
-        stats = [sample_misses(x_bits[::every] - r_bits[::every], full)]
+        if isinstance(rebuilt, Difference):  # computed where it is coded, on the CPU
+            y, h = rebuilt.y.reshape(-1), rebuilt.h.reshape(-1)
+            r_bits, sample = None, (y[::every] - h[::every]).view(int_type)
+        else:
+            r_bits = rebuilt.view(int_type).reshape(-1)
+            sample = r_bits[::every]
+        full = torch.iinfo(int_type).bits
+        stats = [sample_misses(x_bits[::every] - sample, full)]
         guess = 0  # how many escape level 0, foretold by the sample
         if layout is None:
             reach = dict(zip(candidate_widths(full), _fractions(stats[0].tolist())))
@@ -169,15 +188,18 @@ class Correction:
         else:
             widths, capacities = layout.widths, layout.capacities
         if not widths:  # every difference at full width: nothing to code
+            if r_bits is None:  # as the backward will subtract (ExactStep.subtracted)
+                r_bits = native.subtract(y, h, torch.empty_like(y)).view(int_type)
             diff = torch.sub(x_bits, r_bits, out=r_bits).clone()
             return cls([diff], (), (diff.numel(),), None, torch.cat(stats))
+        first = (y, h) if r_bits is None else r_bits
         levels, sizes, index = [], [], None
         diff = None  # the differences the current level codes; level 0 reads the bits
         for level, width in enumerate(widths):
             sizes.append(x_bits.numel() if diff is None else diff.numel())
             room = None if capacities is None else capacities[level]
             if diff is None:
-                codes, escapes, count, values = _first_level(x_bits, r_bits, width, room, guess)
+                codes, escapes, count, values = _first_level(x_bits, first, width, room, guess)
             else:
                 codes, escapes, count = _encode(diff, width, room)
                 values = diff.take(escapes)
@@ -256,21 +278,28 @@ def _fractions(values: Sequence[float]) -> list[float]:
 
 
 def _first_level(
-    x_bits: Tensor, r_bits: Tensor, width: int, room: int | None, guess: int
+    x_bits: Tensor,
+    rebuilt: Tensor | tuple[Tensor, Tensor],
+    width: int,
+    room: int | None,
+    guess: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Level 0 of ``x_bits - r_bits`` as :func:`_encode` codes it, and the escapes' values;
-    may overwrite ``r_bits``. Fused or native, the differences are never written out
-    (:mod:`.fused`, :mod:`.native`); ``guess``: how many escapes the sample foretells."""
-    if room is None and native.usable(x_bits, r_bits):
-        codes, escapes, values = native.encode(x_bits, r_bits, width, guess)
+    """Level 0 of ``x_bits - bits(x')`` as :func:`_encode` codes it, and the escapes' values;
+    may overwrite ``rebuilt``: the bits of ``x'``, or ``(y, h)`` for ``x' = y - h``, which only
+    the CPU loops take (:func:`.native.subtracts`). Fused or native, the differences are never
+    written out (:mod:`.fused`, :mod:`.native`); ``guess``: how many escapes the sample
+    foretells."""
+    if room is None and (isinstance(rebuilt, tuple) or native.usable(x_bits, rebuilt)):
+        codes, escapes, values = native.encode(x_bits, rebuilt, width, guess)
         return codes, escapes, torch.full((), escapes.numel()), values
+    assert isinstance(rebuilt, Tensor)
     if not fused(x_bits):
-        diff = torch.sub(x_bits, r_bits, out=r_bits)
+        diff = torch.sub(x_bits, rebuilt, out=rebuilt)
         codes, escapes, count = _encode(diff, width, room)
         return codes, escapes, count, diff.take(escapes)
-    narrow, escaped, count = narrow_codes(x_bits, r_bits, width)
+    narrow, escaped, count = narrow_codes(x_bits, rebuilt, width)
     escapes = escaped.nonzero().squeeze(1) if room is None else _positions(escaped, room)
-    return _pack(narrow, width), escapes, count, x_bits.take(escapes) - r_bits.take(escapes)
+    return _pack(narrow, width), escapes, count, x_bits.take(escapes) - rebuilt.take(escapes)
 
 
 def _encode(diff: Tensor, width: int, room: int | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -329,6 +358,9 @@ class ExactStep(NamedTuple):
     correction: Correction
     dtype: torch.dtype  # the input's: an update may promote (bf16 stream, float32 scale)
     planner: StepPlanner
+    #: Whether the correction was coded against the CPU loops' ``y - h`` (a
+    #: :class:`Difference`), which the backward must then compute the same way.
+    subtracted: bool = False
 
     @classmethod
     def record(
@@ -344,14 +376,18 @@ class ExactStep(NamedTuple):
         """After the forward's ``y = block.update(x, h, step)``; ``ahead``: with the layout
         the step's planner plans, keeping what plans the next call (NOTE [planned
         capacities]), rather than sized from the data."""
-        rebuilt = block.revert(y, h, step).to(x.dtype)
         full = torch.iinfo(BITS[x.dtype]).bits
         plans = planner(block, step, x.dtype, full, compact)
         layout = plans.plan(x.numel()) if ahead else None
+        rebuilt: Tensor | Difference
+        if layout is None and block.reverts_by_subtraction and native.subtracts(x, y, h):
+            rebuilt = Difference(y, h)
+        else:
+            rebuilt = block.revert(y, h, step).to(x.dtype)
         correction = Correction.between(x, rebuilt, compact, layout)
         if not ahead:
             correction.stats = None
-        return cls(correction, x.dtype, plans)
+        return cls(correction, x.dtype, plans, isinstance(rebuilt, Difference))
 
     def rebuild(
         self, block: AbstractReversibleBlock, step: int, y: Tensor, h: Tensor, in_place: bool
@@ -359,8 +395,12 @@ class ExactStep(NamedTuple):
         """The ``x`` that :meth:`record` saw, from ``y`` and the recomputed ``h`` (whose
         checksum the caller compared: NOTE [recomputation checksum]): the same ``revert`` call
         as the forward's, or ``revert_`` where it gives the same bits and ``in_place`` lets it
-        overwrite ``y``, then the correction."""
-        if in_place and block.reverts_exactly_in_place:
+        overwrite ``y``, or the CPU loops' subtraction where the forward's was theirs; then
+        the correction."""
+        if self.subtracted:
+            out = y if in_place else torch.empty(y.shape, dtype=y.dtype)
+            rebuilt = native.subtract(y, h, out)
+        elif in_place and block.reverts_by_subtraction:
             rebuilt = block.revert_(y, h, step)
         else:
             rebuilt = block.revert(y, h, step)

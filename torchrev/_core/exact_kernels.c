@@ -10,14 +10,16 @@
  * found in order. (Coding branch-free and searching the escapes in a second pass measured
  * slower: escapes are a few percent, so most tiles hold one.) */
 #include <stdint.h>
+#include <string.h>
 
 #define MIN(a, b) ((a) < (b) ? (a) : (b))
 
-/* One run's loop over elements lo + b, b in [0, count), STORE storing the code of lo + b. */
-#define CODE_RUN(T, U, STORE)                                                                  \
+/* One run's loop over elements lo + b, b in [0, count): R(i) gives bits(x') at element i,
+ * STORE stores the code of element lo + b at c[b]. */
+#define CODE_RUN(T, U, R, STORE)                                                               \
     for (int64_t b = 0; b < count; ++b) {                                                       \
         const int64_t i = lo + b;                                                               \
-        const T d = (T)((U)x[i] - (U)r[i]);                                                     \
+        const T d = (T)((U)x[i] - (U)(R(i)));                                                   \
         const int escaped = (d <= -half) | (d >= half);                                         \
         const T code = escaped ? (T)-half : d;                                                  \
         STORE;                                                                                  \
@@ -30,22 +32,22 @@
         }                                                                                       \
     }
 
-#define KERNELS(T, U)                                                                          \
-    /* Level 0 of x - r: codes, and the positions and differences of the escapes in order    \
-     * (the first cap of them); returns how many escaped. */                                  \
-    int64_t encode_##T(const T *restrict x, const T *restrict r, int64_t n, int64_t run,       \
-                       int width, void *restrict codes, int64_t *restrict pos,                 \
-                       T *restrict val, int64_t cap) {                                         \
+/* NAME(x, <the rebuilt input's arguments>, n, run, width, codes, pos, val, cap): level 0 of
+ * bits(x) - bits(x'), the codes, and the positions and differences of the escapes in order
+ * (the first cap of them); returns how many escaped. */
+#define ENCODER(NAME, T, U, R, ...)                                                            \
+    int64_t NAME(const T *restrict x, __VA_ARGS__, int64_t n, int64_t run, int width,          \
+                 void *restrict codes, int64_t *restrict pos, T *restrict val, int64_t cap) {  \
         const T half = (T)((T)1 << (width - 1));                                               \
         int64_t k = 0, lo = 0, count = n;                                                       \
         if (width == 16) {                                                                      \
             int16_t *c = (int16_t *)codes;                                                      \
-            CODE_RUN(T, U, c[b] = (int16_t)code)                                                \
+            CODE_RUN(T, U, R, c[b] = (int16_t)code)                                             \
             return k;                                                                           \
         }                                                                                       \
         if (width == 8) {                                                                       \
             int8_t *c = (int8_t *)codes;                                                        \
-            CODE_RUN(T, U, c[b] = (int8_t)code)                                                 \
+            CODE_RUN(T, U, R, c[b] = (int8_t)code)                                              \
             return k;                                                                           \
         }                                                                                       \
         const U mask = (U)((1u << width) - 1u);                                                 \
@@ -55,14 +57,41 @@
             lo = j * run;                                                                       \
             count = MIN(n - lo, run);                                                           \
             if (j == 0) {                                                                       \
-                CODE_RUN(T, U, c[b] = (uint8_t)((U)code & mask))                                \
+                CODE_RUN(T, U, R, c[b] = (uint8_t)((U)code & mask))                             \
             } else {                                                                            \
-                CODE_RUN(T, U, c[b] |= (uint8_t)(((U)code & mask) << shift))                    \
+                CODE_RUN(T, U, R, c[b] |= (uint8_t)(((U)code & mask) << shift))                 \
             }                                                                                   \
         }                                                                                       \
         return k;                                                                               \
-    }                                                                                           \
-    /* bits += the sign-extended codes packed below 8 bits (wrapping). */                       \
+    }
+
+/* x' given as bits. */
+#define STORED(i) r[i]
+ENCODER(encode_int16_t, int16_t, uint16_t, STORED, const int16_t *restrict r)
+ENCODER(encode_int32_t, int32_t, uint32_t, STORED, const int32_t *restrict r)
+ENCODER(encode_int64_t, int64_t, uint64_t, STORED, const int64_t *restrict r)
+
+/* x' = y - h, computed while coding (a step whose inverse is that one subtraction), so that
+ * x' is never written out: one IEEE subtraction, rounded as torch rounds it (no fast-math). */
+static inline int32_t bits_of_float(float f) {
+    int32_t i;
+    memcpy(&i, &f, sizeof i);
+    return i;
+}
+static inline int64_t bits_of_double(double f) {
+    int64_t i;
+    memcpy(&i, &f, sizeof i);
+    return i;
+}
+#define FLOAT_DIFFERENCE(i) bits_of_float(y[i] - h[i])
+#define DOUBLE_DIFFERENCE(i) bits_of_double(y[i] - h[i])
+ENCODER(encode_sub_float, int32_t, uint32_t, FLOAT_DIFFERENCE, const float *restrict y,
+        const float *restrict h)
+ENCODER(encode_sub_double, int64_t, uint64_t, DOUBLE_DIFFERENCE, const double *restrict y,
+        const double *restrict h)
+
+/* bits += the sign-extended codes packed below 8 bits (wrapping). */
+#define ADDER(T, U)                                                                            \
     void add_codes_##T(T *restrict bits, const uint8_t *restrict packed, int64_t n,            \
                        int64_t run, int width) {                                               \
         for (int64_t j = 0; j * run < n; ++j) {                                                 \
@@ -74,10 +103,9 @@
             }                                                                                   \
         }                                                                                       \
     }
-
-KERNELS(int16_t, uint16_t)
-KERNELS(int32_t, uint32_t)
-KERNELS(int64_t, uint64_t)
+ADDER(int16_t, uint16_t)
+ADDER(int32_t, uint32_t)
+ADDER(int64_t, uint64_t)
 
 /* The positions of the reserved code among n codes packed below 8 bits, in order, in `room`
  * slots padded with 0; returns how many there are. */
@@ -97,4 +125,14 @@ int64_t sentinels(const uint8_t *packed, int64_t n, int64_t run, int width, int6
     }
     for (int64_t i = k; i < room; ++i) pos[i] = 0;
     return k;
+}
+
+/* out = y - h (out may be y): the subtraction the encoders above compute, for the backward to
+ * rebuild the very x' the forward coded against (NaNs included, whose bits torch's own
+ * kernels may set otherwise). */
+void subtract_float(const float *y, const float *h, float *out, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) out[i] = y[i] - h[i];
+}
+void subtract_double(const double *y, const double *h, double *out, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) out[i] = y[i] - h[i];
 }

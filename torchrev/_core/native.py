@@ -90,28 +90,50 @@ def _build(target: Path) -> None:
 def _declared(lib: ctypes.CDLL) -> ctypes.CDLL:
     """``lib`` with its functions' C signatures (pointers pass as ``data_ptr()`` integers)."""
     ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    for name in [f"encode_{suffix}" for suffix in _SUFFIX.values()]:
+        getattr(lib, name).argtypes = [ptr, ptr, i64, i64, i32, ptr, ptr, ptr, i64]
+        getattr(lib, name).restype = i64
+    for name in ("encode_sub_float", "encode_sub_double"):
+        getattr(lib, name).argtypes = [ptr, ptr, ptr, i64, i64, i32, ptr, ptr, ptr, i64]
+        getattr(lib, name).restype = i64
+    for name in ("subtract_float", "subtract_double"):
+        getattr(lib, name).argtypes, getattr(lib, name).restype = [ptr, ptr, ptr, i64], None
     for suffix in _SUFFIX.values():
-        encode = getattr(lib, f"encode_{suffix}")
-        encode.argtypes = [ptr, ptr, i64, i64, i32, ptr, ptr, ptr, i64]
-        encode.restype = i64
         add = getattr(lib, f"add_codes_{suffix}")
         add.argtypes, add.restype = [ptr, ptr, i64, i64, i32], None
     lib.sentinels.argtypes, lib.sentinels.restype = [ptr, i64, i64, i32, ptr, i64], i64
     return lib
 
 
-def encode(x_bits: Tensor, r_bits: Tensor, width: int, room: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Level 0 of ``x_bits - r_bits`` (1-D integers) as ``exact._encode`` codes it, packed as
-    ``exact._pack`` packs it; the escapes' positions (int64, in order) and differences.
-    ``room``: how many escapes to expect (more costs a second call)."""
-    n = x_bits.numel()
+def subtracts(x: Tensor, y: Tensor, h: Tensor) -> bool:
+    """Whether :func:`encode` can take ``x' = y - h`` as ``(y, h)`` for ``x``: one float32
+    or float64 type, one shape, and the loops usable."""
+    if x.dtype not in (torch.float32, torch.float64) or not x.dtype == y.dtype == h.dtype:
+        return False
+    return x.shape == y.shape == h.shape and usable(x, y, h)
+
+
+def encode(
+    x_bits: Tensor, rebuilt: Tensor | tuple[Tensor, Tensor], width: int, room: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Level 0 of ``x_bits - bits(x')`` (1-D integers) as ``exact._encode`` codes it, packed
+    as ``exact._pack`` packs it; the escapes' positions (int64, in order) and differences.
+    ``rebuilt``: the bits of ``x'``, or ``(y, h)`` for ``x' = y - h`` (:func:`subtracts`),
+    computed on the way. ``room``: how many escapes to expect (more costs a second call)."""
+    n, lib = x_bits.numel(), _library()
     if width < 8:
         codes = torch.empty(-(-n // (8 // width)), dtype=torch.uint8)
     else:
         codes = torch.empty(n, dtype=torch.int8 if width == 8 else torch.int16)
-    fn = getattr(_library(), f"encode_{_SUFFIX[x_bits.dtype]}")
+    if isinstance(rebuilt, tuple):
+        fn = getattr(
+            lib, "encode_sub_float" if x_bits.dtype == torch.int32 else "encode_sub_double"
+        )
+        pointers = tuple(t.data_ptr() for t in rebuilt)
+    else:
+        fn, pointers = getattr(lib, f"encode_{_SUFFIX[x_bits.dtype]}"), (rebuilt.data_ptr(),)
     run = codes.numel() if width < 8 else n
-    inputs = (x_bits.data_ptr(), r_bits.data_ptr(), n, run, width, codes.data_ptr())
+    inputs = (x_bits.data_ptr(), *pointers, n, run, width, codes.data_ptr())
     while True:
         pos = torch.empty(room, dtype=torch.int64)
         val = torch.empty(room, dtype=x_bits.dtype)
@@ -119,6 +141,19 @@ def encode(x_bits: Tensor, r_bits: Tensor, width: int, room: int) -> tuple[Tenso
         if count <= room:
             return codes, pos[:count].clone(), val[:count].clone()
         room = count  # more escaped than the sample foretold
+
+
+def subtract(y: Tensor, h: Tensor, out: Tensor) -> Tensor:
+    """``out = y - h`` (``out`` may be ``y``) as :func:`encode` computes it from ``(y, h)``:
+    the backward must rebuild the ``x'`` that the forward coded against, bit for bit."""
+    lib = _library()
+    assert lib is not None  # the forward used the loops
+    if not out.is_contiguous():
+        out = torch.empty(y.shape, dtype=y.dtype)
+    y, h = y.contiguous(), h.contiguous()
+    name = "subtract_float" if y.dtype == torch.float32 else "subtract_double"
+    getattr(lib, name)(y.data_ptr(), h.data_ptr(), out.data_ptr(), y.numel())
+    return out
 
 
 def add_codes_(bits: Tensor, packed: Tensor, width: int) -> None:

@@ -17,7 +17,7 @@ class AdditiveCoupling(AbstractCoupling):
     """
 
     amplifies_rounding = False  # type: ignore[assignment]
-    reverts_exactly_in_place = True
+    reverts_by_subtraction = True
 
     def update(self, x: Tensor, h: Tensor, step: int) -> Tensor:
         return x + h
