@@ -142,7 +142,8 @@ def table(rows: list[dict], widths: list[int]) -> str:
         ratios = " | ".join(f"{by[w]['over_float']:.3f}x" for w in widths)
         first = by[widths[0]]
         extra = first.get("extra_bytes_per_element")
-        moved = "not seen (compiled)" if extra is None else f"{extra:.1f}"
+        unseen = "not seen (compiled)" if MODES[name][1] == "fused" else "not seen (C loops)"
+        moved = unseen if extra is None else f"{extra:.1f}"
         lines.append(f"| {name} | {ratios} | {first['bits']:.2f} | {moved} |")
     floats = " | ".join(
         f"{next(r['float_step_ms'] for r in rows if r['width'] == w):.0f} ms" for w in widths

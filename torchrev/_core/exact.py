@@ -29,10 +29,11 @@ backward, and so can afford a 2-bit first code and more levels. Measured per str
 per step (``tests/test_exact.py``, ``benchmarks/engine.py``): 4.2 to 4.9 bits (compact 2.2 to
 2.7) for additive, momentum, affine and float16 steps, 6.4 (compact 4.0) for scales of 0.1,
 8.2 (5.7) for lam = beta = 0.1, against ``B`` (16 to 64) for storing the input; MEFT on
-MiniLM 6.3 (compact 3.9). Time, paired with the float engine on 2 CPU threads (additive
-MLP branches of width 64, 256, 1024): 1.35x, 1.16x, 1.06x (compact 1.61x, 1.29x, 1.10x); the
-passes are memory-bound, so they weigh against the branch's arithmetic per element and
-transformer layers hardly notice them.
+MiniLM 6.3 (compact 3.9). Time, paired with the float engine on one CPU thread (additive
+MLP branches of width 64, 256, 1024; ``benchmarks/exact.py``): 1.07x, 1.06x, 1.01x (compact
+1.16x, 1.08x, 1.02x) with level 0's passes as compiled C loops (:mod:`.native`), 1.22x, 1.13x,
+1.02x with the eager operators that are their reference; the passes are memory-bound, so they
+weigh against the branch's arithmetic per element and transformer layers hardly notice them.
 
 The alternative, fixed-point streams with an information buffer for the bits a scaling drops
 (MacKay et al. 2018), stores about ``log2(1/lam)`` bits per scaled step and none for additive
