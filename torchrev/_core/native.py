@@ -3,10 +3,12 @@
 Trade-off: a C compiler at first use (well under a second; the library is cached per machine
 and per source, in ``$TORCHREV_CACHE`` or ``~/.cache/torchrev``), against the eager passes'
 traffic. Eager, a forward step's correction subtracts the bit patterns, clamps, narrows, masks,
-compares, searches and packs: about 47 bytes moved per element, where one loop reads ``x`` and
-``x'`` (8 bytes for float32) and writes the codes (half a byte at 4 bits); the backward's unpack
-and add fall from three passes to one. The loops are :file:`exact_kernels.c`; the eager code in
-:mod:`.exact` is their reference (``tests/test_exact.py`` compares the bits).
+compares, searches and packs, and the backward unpacks and adds: about 56 bytes moved per
+element per step (``benchmarks/exact.py``). One loop reads ``x`` and ``x'`` (8 bytes for
+float32; for a block whose inverse is ``y - h``, ``x`` and ``y`` and ``h``, and ``x'`` is never
+written) and writes the codes (half a byte at 4 bits); the backward's unpack and add is one
+pass. The loops are :file:`exact_kernels.c`; the eager code in :mod:`.exact` is their
+reference (``tests/test_exact.py`` compares the bits).
 
 :data:`NATIVE` chooses: None (the default) uses the loops on the CPU wherever they build, with
 one warning where they do not (no C compiler); False never. GPUs use :mod:`.fused` instead.
@@ -21,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -57,7 +60,8 @@ def _library() -> ctypes.CDLL | None:
 
 def _load() -> ctypes.CDLL | None:
     source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + sys.platform.encode()).hexdigest()[:16]
+    machine = f"{sys.platform}-{platform.machine()}".encode()
+    key = hashlib.sha256(source + machine).hexdigest()[:16]
     cache = Path(os.environ.get("TORCHREV_CACHE", Path.home() / ".cache" / "torchrev"))
     built = cache / f"exact_kernels-{key}.so"
     try:
