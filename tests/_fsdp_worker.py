@@ -20,6 +20,8 @@ import torchrev
 STEPS = 3
 WIDTH = 4  # features per stream
 LAYOUTS = ("branch", "block", "stack", "root", "branch-exact", "block-exact")
+#: Memory plans forced on the stack's three blocks: every choice, the reversed run first or last.
+PLANS = (("keep", "checkpoint", "reverse"), ("reverse", "checkpoint", "keep"))
 
 
 def build(exact: bool = False, dtype: torch.dtype = torch.float64) -> nn.Sequential:
@@ -116,6 +118,19 @@ def run_layout(layout: str, rank: int, world: int) -> dict[str, object]:
     return {"params": full_state(model), "peak": gathered.peak}
 
 
+def run_planned(layout: str, rank: int, world: int) -> dict[tuple[str, ...], object]:
+    """``layout`` (per branch or per block, exact or not) trained under each of :data:`PLANS`:
+    kept blocks under plain autograd, checkpointed ones under torch.utils.checkpoint, the
+    reversed run through the engine, all sharded. The final parameters per plan."""
+    out = {}
+    for choices in PLANS:
+        model = shard(build(exact=layout.endswith("-exact")), layout.removesuffix("-exact"))
+        with model[1].stack._forced_choices(choices):
+            train(model, rank, world)
+        out[choices] = full_state(model)
+    return out
+
+
 def run_mixed_precision(rank: int, world: int, root_too: bool) -> dict[str, object]:
     """Branches with bf16 parameters and float32 reduction: reversible against
     reversible=False, same layout. The streams stay float32, or with ``root_too`` (the root's
@@ -199,6 +214,10 @@ def main(rank: int, world: int, init: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         results: dict[str, object] = {layout: run_layout(layout, rank, world) for layout in LAYOUTS}
+        results["planned"] = {
+            layout: run_planned(layout, rank, world)
+            for layout in ("branch", "block", "branch-exact", "block-exact")
+        }
         results["mixed"] = run_mixed_precision(rank, world, root_too=False)
         results["mixed-bf16-streams"] = run_mixed_precision(rank, world, root_too=True)
         results["revvit"] = run_registry_model(rank, world)

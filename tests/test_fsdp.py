@@ -31,6 +31,19 @@ def test_parameters_after_several_steps_equal_one_process(results, layout):
         torch.testing.assert_close(got[name], p.detach(), rtol=1e-12, atol=1e-14, msg=name)
 
 
+@pytest.mark.parametrize("layout", ["branch", "block", "branch-exact", "block-exact"])
+def test_memory_plans_mixing_every_choice_train_sharded_as_one_process(results, layout):
+    """Kept, checkpointed and reversed blocks of one stack under FSDP2: one process's
+    parameters (the unplanned engine's, which are plain autograd's) after several steps."""
+    want = one_process(exact=layout.endswith("-exact"))
+    plans = results["planned"][layout]
+    assert set(plans) == set(worker.PLANS)
+    for choices, got in plans.items():
+        assert set(choices) == {"keep", "checkpoint", "reverse"}
+        for name, p in want.items():
+            torch.testing.assert_close(got[name], p.detach(), rtol=1e-12, atol=1e-14, msg=name)
+
+
 def test_a_registry_model_with_every_stack_sharded_equals_one_process(results):
     model = worker.build_vit()
     worker.train_vit(model, rank=0, world=1)
