@@ -59,7 +59,9 @@ from torch.utils.checkpoint import (
 )
 
 import torchrev
+from torchrev._core.fit import reversible_stacks
 from torchrev.bench import (
+    allocator_step_peak,
     interleaved_times,
     median_ratio,
     retain_freed_memory,
@@ -76,6 +78,8 @@ RESULTS = Path(__file__).parent / "results"
 MiB = 2**20
 FRACTIONS = tuple(i / 7 for i in range(8))
 COMPILED_BUDGETS = (0.0, 0.1, 0.2, 0.5, 0.8, 1.0)
+#: torchrev's budgets compiled too (a compilation each: four of the eight eager ones).
+COMPILED_FRACTIONS = (0.0, 2 / 7, 4 / 7, 1.0)
 Step = Callable[..., None]
 FULL_DECODER, SMALL_DECODER = (24, 768, 1024), (4, 256, 256)
 
@@ -85,6 +89,7 @@ class Case:
 
     def __init__(self, name: str, model: nn.Module, inputs: Any, loss: Callable, stack: Any):
         self.name, self.model, self.inputs, self.loss, self.stack = name, model, inputs, loss, stack
+        self.budgets: dict[str, int] = {}  # bytes, by the torchrev method planned under them
 
     def call(self, model: nn.Module | None = None) -> Any:
         model = self.model if model is None else model
@@ -185,6 +190,7 @@ def eager_methods(case: Case) -> dict[str, Step]:
     for fraction in FRACTIONS:
         plan = torchrev.fit_memory(case.model, case.inputs, fraction, case.loss)
         label = f"torchrev budget {fraction:.2f}"
+        case.budgets[label] = plan.budget
         steps[label] = case.step(around=partial(forced, case, plan.choices))
     steps["checkpoint every block"] = case.step(around=partial(forced, case, ("checkpoint",) * n))
     alternate = tuple("checkpoint" if i % 2 == 0 else "keep" for i in range(n))
@@ -231,13 +237,12 @@ def lora_methods(full: bool, inputs: dict) -> dict[str, tuple[nn.Module, Step]]:
 
 
 def compiled_methods(case: Case, backend: str, models: dict[str, nn.Module]) -> dict[str, Step]:
-    """Plain autograd compiled at each activation memory budget (a copy of the model each)."""
+    """Plain autograd compiled at each activation memory budget, and torchrev's plans at
+    :data:`COMPILED_FRACTIONS` compiled (a copy of the model each)."""
     steps = {}
     for budget in COMPILED_BUDGETS:
         model = copy.deepcopy(case.model)
-        stacks = [m for m in model.modules() if isinstance(m, torchrev.ReversibleSequential)]
-        stacks += [meft_stage(model).stack] if hasattr(model, "config") else []
-        for s in stacks:
+        for s in _stacks(model):
             s.reversible = False
         compiled = torch.compile(model, backend=backend)
         patch = partial(torch._functorch.config.patch, activation_memory_budget=budget)
@@ -245,7 +250,23 @@ def compiled_methods(case: Case, backend: str, models: dict[str, nn.Module]) -> 
         step()
         steps[f"compiled budget {budget:.1f}"] = step
         models[f"compiled budget {budget:.1f}"] = model
+    for fraction in COMPILED_FRACTIONS:
+        plan = torchrev.fit_memory(case.model, case.inputs, fraction, case.loss)
+        model = copy.deepcopy(case.model)
+        for name, stack in reversible_stacks(model):
+            stack._forced = plan.for_stack(name).choices  # for every call of the copy
+        label = f"compiled torchrev budget {fraction:.2f}"
+        case.budgets[label] = plan.budget
+        step = case.step(torch.compile(model, backend=backend))
+        step()
+        steps[label], models[label] = step, model
     return steps
+
+
+def _stacks(model: nn.Module) -> list[torchrev.ReversibleSequential]:
+    """The model's reversible stacks (a MEFT decoder keeps its own out of the module tree)."""
+    stacks = [m for m in model.modules() if isinstance(m, torchrev.ReversibleSequential)]
+    return stacks + ([meft_stage(model).stack] if hasattr(model, "config") else [])
 
 
 def measure(case: Case, steps: dict[str, Step], models: dict[str, nn.Module], args) -> list[dict]:
@@ -255,14 +276,18 @@ def measure(case: Case, steps: dict[str, Step], models: dict[str, nn.Module], ar
         trainable = [p for p in model.parameters() if p.requires_grad]
         step()
         compiled = name.startswith("compiled")
-        # Under a dispatch mode torch.compile runs the frame eagerly, and saved-tensor hooks
-        # did not see the compiled graphs' saved tensors either: compiled rows have no peak.
+        # Under a dispatch mode torch.compile runs the frame eagerly: compiled rows' peak is
+        # the allocator's (torch.profiler's memory events), which eager rows give beside theirs.
+        allocated = allocator_step_peak(partial(step, clear=False), trainable) / MiB
         row = {"model": case.name, "method": name, "mode": "compiled" if compiled else "eager",
-               "peak_mib": None if compiled else
+               "peak_mib": allocated if compiled else
                training_step_peak(partial(step, clear=False), trainable) / MiB,
+               "allocator_peak_mib": allocated,
+               "budget_mib": case.budgets[name] / MiB if name in case.budgets else None,
                "flops": None if compiled else step_flops(step)}  # fmt: skip
         rows.append(row)
-        print(f"{name:<40} peak {row['peak_mib'] or float('nan'):9.2f} MiB", flush=True)
+        print(f"{name:<40} peak {row['peak_mib']:9.2f} MiB (allocator {allocated:9.2f})",
+              flush=True)  # fmt: skip
     times = interleaved_times(steps, repeats=args.repeats, clock=_clock())
     for row in rows:
         base = "compiled budget 1.0" if row["mode"] == "compiled" else "plain"
@@ -270,6 +295,25 @@ def measure(case: Case, steps: dict[str, Step], models: dict[str, nn.Module], ar
         base_flops = next(r["flops"] for r in rows if r["method"] == "plain")
         row["flops_vs_plain"] = row["flops"] / base_flops if row["flops"] else None
         row["seconds"] = min(times[row["method"]])
+    return verdicts(rows)
+
+
+def verdicts(rows: list[dict]) -> list[dict]:
+    """The issue's target, per torchrev budget: is torchrev's time at most that of the fastest
+    torch method (same mode, same model: LoRA trains other parameters and is left out) whose
+    peak fits the same budget? Adds ``fastest_torch_within``, ``its_time`` and ``target_met``
+    (None where no torch method fits)."""
+    torch_rows = [r for r in rows if "torchrev" not in r["method"] and "LoRA" not in r["method"]]
+    for r in rows:
+        if r["budget_mib"] is None:
+            continue
+        fits = [
+            o for o in torch_rows if o["mode"] == r["mode"] and o["peak_mib"] <= r["budget_mib"]
+        ]
+        best = min(fits, key=lambda o: o["time_vs_plain"], default=None)
+        r["fastest_torch_within"] = best and best["method"]
+        r["its_time"] = best and best["time_vs_plain"]
+        r["target_met"] = best and r["time_vs_plain"] <= best["time_vs_plain"]
     return rows
 
 
@@ -281,15 +325,34 @@ def _clock() -> Callable[[], float]:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| model | method | peak MiB | time / plain | flops / plain |",
-        "|---" * 5 + "|",
+        "| model | method | budget MiB | peak MiB | allocator MiB | time / plain | flops / plain "
+        "| fastest torch method within the budget (same mode) |",
+        "|---" * 8 + "|",
     ]
     for r in rows:
-        peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.1f}"
-        flops = "-" if r["flops_vs_plain"] is None else f"{r['flops_vs_plain']:.2f}x"
-        lines.append(f"| {r['model']} | {r['method']} | {peak} | "
-                     f"{r['time_vs_plain']:.2f}x | {flops} |")  # fmt: skip
+        lines.append(f"| {r['model']} | {r['method']} | {_mib(r.get('budget_mib'))} | "
+                     f"{_mib(r['peak_mib'])} | {_mib(r.get('allocator_peak_mib'))} | "
+                     f"{r['time_vs_plain']:.2f}x | {_times(r['flops_vs_plain'])} | "
+                     f"{_verdict(r)} |")  # fmt: skip
     return "\n".join(lines)
+
+
+def _mib(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _times(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _verdict(r: dict) -> str:
+    """Whether the torchrev row met the target against the fastest torch method that fits."""
+    if "target_met" not in r:
+        return ""
+    if r["target_met"] is None:
+        return "none fits"
+    mark = "yes" if r["target_met"] else "NO"
+    return f"{mark}: {r['fastest_torch_within']} {r['its_time']:.2f}x"
 
 
 def plot(rows: list[dict], path: Path) -> None:
