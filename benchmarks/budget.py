@@ -19,9 +19,12 @@ thread: on a shared machine wall-clock rounds measure the other load); flops bes
 
 Memory: the peak of live tensor bytes of one step beyond parameters and gradients
 (:class:`torchrev.bench.LiveTensorBytes`, deterministic). torch.compile runs a frame eagerly
-while a dispatch mode is active, and saved-tensor hooks did not see the compiled graphs' saved
-tensors either, so compiled rows have step times (over compiled plain's) but no peak on a CPU;
-on CUDA, ``torch.cuda.max_memory_allocated`` would give it. Compiled rows use the
+while a dispatch mode is active, so compiled rows' peak is the allocator's instead
+(:func:`torchrev.bench.allocator_step_peak`: torch.profiler's memory events replayed), which
+eager rows give beside theirs (they agree within a few percent). torchrev's plans at four of
+its budgets are compiled too; each torchrev row says whether its time is at most that of the
+fastest torch method of the same mode (and model: LoRA trains other parameters) whose peak
+fits its budget, the issue's target. Compiled rows use the
 ``aot_eager_decomp_partition`` backend by
 default (the min-cut partitioner and memory budget of Inductor, with operators run eagerly:
 quick to compile on a small CPU); ``--inductor`` compiles with Inductor. On a
@@ -356,8 +359,9 @@ def _verdict(r: dict) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """Per model: peak MiB against step time over plain's, for the eager methods (compiled
-    rows have no measured peak: the table gives their times)."""
+    """Per model: peak MiB against step time over plain's of the same mode: eager methods
+    (filled markers, over eager plain) and compiled ones (hollow, dashed: over compiled
+    plain, peaks from the allocator)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -379,6 +383,13 @@ def _panel(ax: Any, rows: list[dict], key: str = "peak_mib") -> None:
     others = [r for r in rows if r["mode"] == "eager" and not r["method"].startswith("torchrev")]
     for i, r in enumerate(others):
         ax.plot(r[key], r["time_vs_plain"], "^", color=f"C{(i + 4) % 10}", label=r["method"])
+    for prefix, colour, label in (
+        ("compiled torchrev", "C3", "torchrev budgets (compiled)"),
+        ("compiled budget", "C0", "compiled activation_memory_budget 0 to 1"),
+    ):
+        line = [r for r in rows if r["method"].startswith(prefix)]  # in budget order
+        ax.plot([r[key] for r in line], [r["time_vs_plain"] for r in line], "o--", color=colour,
+                markerfacecolor="none", label=label)  # fmt: skip
     ax.set_xscale("log")
     ax.set_xlabel("peak activation MiB (beyond parameters and gradients)")
     ax.set_ylabel("step time / plain (same mode, paired)")
