@@ -15,8 +15,10 @@ state, 5056 bytes each on the CPU), so it reads higher; it
 sees the release of memory allocated before the start (a pre-existing tensor dropped mid-step),
 which lowers the live count, where the dispatch mode cannot see it; it counts bytes as
 requested from the allocator (an allocation of a resized storage is a new event). Profiling
-costs time, so measure a step apart from timing it. On CUDA the events are the caching
-allocator's blocks handed to tensors (not its reserved segments): the same measure.
+costs time, so measure a step apart from timing it. It is checked on the CPU, where nothing
+else sees compiled code's memory; on CUDA the events are the caching allocator's blocks handed
+to tensors, but ``torch.cuda.max_memory_allocated`` (:func:`step_memory`) measures that
+directly and costs nothing.
 """
 
 from __future__ import annotations
