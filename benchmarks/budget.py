@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import os
 import sys
@@ -81,6 +82,7 @@ RESULTS = Path(__file__).parent / "results"
 MiB = 2**20
 FRACTIONS = tuple(i / 7 for i in range(8))
 COMPILED_BUDGETS = (0.0, 0.1, 0.2, 0.5, 0.8, 1.0)
+_COPIES = itertools.count()
 #: torchrev's budgets compiled too (a compilation each: four of the eight eager ones).
 COMPILED_FRACTIONS = (0.0, 2 / 7, 4 / 7, 1.0)
 Step = Callable[..., None]
@@ -247,9 +249,8 @@ def compiled_methods(case: Case, backend: str, models: dict[str, nn.Module]) -> 
         model = copy.deepcopy(case.model)
         for s in _stacks(model):
             s.reversible = False
-        compiled = torch.compile(model, backend=backend)
         patch = partial(torch._functorch.config.patch, activation_memory_budget=budget)
-        step = case.step(compiled, around=patch)  # a recompilation also sees the budget
+        step = case.step(_compiled(model, backend), around=patch)  # recompilations too
         step()
         steps[f"compiled budget {budget:.1f}"] = step
         models[f"compiled budget {budget:.1f}"] = model
@@ -260,10 +261,32 @@ def compiled_methods(case: Case, backend: str, models: dict[str, nn.Module]) -> 
             stack._forced = plan.for_stack(name).choices  # for every call of the copy
         label = f"compiled torchrev budget {fraction:.2f}"
         case.budgets[label] = plan.budget
-        step = case.step(torch.compile(model, backend=backend))
+        step = case.step(_compiled(model, backend))
         step()
         steps[label], models[label] = step, model
     return steps
+
+
+class _Own(nn.Module):
+    """A model called through a class of its own (:func:`_compiled`)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+
+def _compiled(model: nn.Module, backend: str) -> nn.Module:
+    """``model`` compiled into graphs of its own. Dynamo's guards do not see the activation
+    memory budget, and with nn modules inlined not which copy of a model runs either: without
+    a class of its own (a type guard) each copy would run the graph compiled first (every
+    compiled row was the budget 0.0 graph). Each copy is one more cache entry of ``_Own``'s
+    forward, hence the raised recompilation limit."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    own = type(f"_Own{next(_COPIES)}", (_Own,), {})
+    return torch.compile(own(model), backend=backend)
 
 
 def _stacks(model: nn.Module) -> list[torchrev.ReversibleSequential]:
