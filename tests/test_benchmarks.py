@@ -165,6 +165,7 @@ def test_budget_verdict_is_against_the_fastest_torch_method_that_fits_in_the_sam
         row("torchrev budget 0.50", "eager", 50, 1.25, budget=55),
         row("torchrev budget 1.00", "eager", 100, 1.0, budget=101),
         row("compiled torchrev budget 0.50", "compiled", 45, 0.95, budget=55),
+        row("compiled torchrev budget 1.00", "compiled", 60, 0.5, budget=55),  # over its budget
     ])  # fmt: skip
     got = {
         r["method"]: (r["fastest_torch_within"], r["target_met"]) for r in rows if r["budget_mib"]
@@ -174,4 +175,5 @@ def test_budget_verdict_is_against_the_fastest_torch_method_that_fits_in_the_sam
         "torchrev budget 0.50": ("selective checkpointing (torchtitan)", False),
         "torchrev budget 1.00": ("plain", True),
         "compiled torchrev budget 0.50": ("compiled budget 0.0", False),
+        "compiled torchrev budget 1.00": ("compiled budget 0.0", False),
     }
