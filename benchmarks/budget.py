@@ -19,9 +19,12 @@ thread: on a shared machine wall-clock rounds measure the other load); flops bes
 
 Memory: the peak of live tensor bytes of one step beyond parameters and gradients
 (:class:`torchrev.bench.LiveTensorBytes`, deterministic). torch.compile runs a frame eagerly
-while a dispatch mode is active, and saved-tensor hooks did not see the compiled graphs' saved
-tensors either, so compiled rows have step times (over compiled plain's) but no peak on a CPU;
-on CUDA, ``torch.cuda.max_memory_allocated`` would give it. Compiled rows use the
+while a dispatch mode is active, so compiled rows' peak is the allocator's instead
+(:func:`torchrev.bench.allocator_step_peak`: torch.profiler's memory events replayed), which
+eager rows give beside theirs (they agree within a few percent). torchrev's plans at four of
+its budgets are compiled too; each torchrev row says whether its time is at most that of the
+fastest torch method of the same mode (and model: LoRA trains other parameters) whose peak
+fits its budget, the issue's target. Compiled rows use the
 ``aot_eager_decomp_partition`` backend by
 default (the min-cut partitioner and memory budget of Inductor, with operators run eagerly:
 quick to compile on a small CPU); ``--inductor`` compiles with Inductor. On a
@@ -40,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import os
 import sys
@@ -59,7 +63,9 @@ from torch.utils.checkpoint import (
 )
 
 import torchrev
+from torchrev._core.fit import reversible_stacks
 from torchrev.bench import (
+    allocator_step_peak,
     interleaved_times,
     median_ratio,
     retain_freed_memory,
@@ -76,6 +82,9 @@ RESULTS = Path(__file__).parent / "results"
 MiB = 2**20
 FRACTIONS = tuple(i / 7 for i in range(8))
 COMPILED_BUDGETS = (0.0, 0.1, 0.2, 0.5, 0.8, 1.0)
+_COPIES = itertools.count()
+#: torchrev's budgets compiled too (a compilation each: four of the eight eager ones).
+COMPILED_FRACTIONS = (0.0, 2 / 7, 4 / 7, 1.0)
 Step = Callable[..., None]
 FULL_DECODER, SMALL_DECODER = (24, 768, 1024), (4, 256, 256)
 
@@ -85,6 +94,7 @@ class Case:
 
     def __init__(self, name: str, model: nn.Module, inputs: Any, loss: Callable, stack: Any):
         self.name, self.model, self.inputs, self.loss, self.stack = name, model, inputs, loss, stack
+        self.budgets: dict[str, int] = {}  # bytes, by the torchrev method planned under them
 
     def call(self, model: nn.Module | None = None) -> Any:
         model = self.model if model is None else model
@@ -185,6 +195,7 @@ def eager_methods(case: Case) -> dict[str, Step]:
     for fraction in FRACTIONS:
         plan = torchrev.fit_memory(case.model, case.inputs, fraction, case.loss)
         label = f"torchrev budget {fraction:.2f}"
+        case.budgets[label] = plan.budget
         steps[label] = case.step(around=partial(forced, case, plan.choices))
     steps["checkpoint every block"] = case.step(around=partial(forced, case, ("checkpoint",) * n))
     alternate = tuple("checkpoint" if i % 2 == 0 else "keep" for i in range(n))
@@ -231,21 +242,57 @@ def lora_methods(full: bool, inputs: dict) -> dict[str, tuple[nn.Module, Step]]:
 
 
 def compiled_methods(case: Case, backend: str, models: dict[str, nn.Module]) -> dict[str, Step]:
-    """Plain autograd compiled at each activation memory budget (a copy of the model each)."""
+    """Plain autograd compiled at each activation memory budget, and torchrev's plans at
+    :data:`COMPILED_FRACTIONS` compiled (a copy of the model each)."""
     steps = {}
     for budget in COMPILED_BUDGETS:
         model = copy.deepcopy(case.model)
-        stacks = [m for m in model.modules() if isinstance(m, torchrev.ReversibleSequential)]
-        stacks += [meft_stage(model).stack] if hasattr(model, "config") else []
-        for s in stacks:
+        for s in _stacks(model):
             s.reversible = False
-        compiled = torch.compile(model, backend=backend)
         patch = partial(torch._functorch.config.patch, activation_memory_budget=budget)
-        step = case.step(compiled, around=patch)  # a recompilation also sees the budget
+        step = case.step(_compiled(model, backend), around=patch)  # recompilations too
         step()
         steps[f"compiled budget {budget:.1f}"] = step
         models[f"compiled budget {budget:.1f}"] = model
+    for fraction in COMPILED_FRACTIONS:
+        plan = torchrev.fit_memory(case.model, case.inputs, fraction, case.loss)
+        model = copy.deepcopy(case.model)
+        for name, stack in reversible_stacks(model):
+            stack._forced = plan.for_stack(name).choices  # for every call of the copy
+        label = f"compiled torchrev budget {fraction:.2f}"
+        case.budgets[label] = plan.budget
+        step = case.step(_compiled(model, backend))
+        step()
+        steps[label], models[label] = step, model
     return steps
+
+
+class _Own(nn.Module):
+    """A model called through a class of its own (:func:`_compiled`)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+
+def _compiled(model: nn.Module, backend: str) -> nn.Module:
+    """``model`` compiled into graphs of its own. Dynamo's guards do not see the activation
+    memory budget, and with nn modules inlined not which copy of a model runs either: without
+    a class of its own (a type guard) each copy would run the graph compiled first (every
+    compiled row was the budget 0.0 graph). Each copy is one more cache entry of ``_Own``'s
+    forward, hence the raised recompilation limit."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    own = type(f"_Own{next(_COPIES)}", (_Own,), {})
+    return torch.compile(own(model), backend=backend)
+
+
+def _stacks(model: nn.Module) -> list[torchrev.ReversibleSequential]:
+    """The model's reversible stacks (a MEFT decoder keeps its own out of the module tree)."""
+    stacks = [m for m in model.modules() if isinstance(m, torchrev.ReversibleSequential)]
+    return stacks + ([meft_stage(model).stack] if hasattr(model, "config") else [])
 
 
 def measure(case: Case, steps: dict[str, Step], models: dict[str, nn.Module], args) -> list[dict]:
@@ -255,14 +302,18 @@ def measure(case: Case, steps: dict[str, Step], models: dict[str, nn.Module], ar
         trainable = [p for p in model.parameters() if p.requires_grad]
         step()
         compiled = name.startswith("compiled")
-        # Under a dispatch mode torch.compile runs the frame eagerly, and saved-tensor hooks
-        # did not see the compiled graphs' saved tensors either: compiled rows have no peak.
+        # Under a dispatch mode torch.compile runs the frame eagerly: compiled rows' peak is
+        # the allocator's (torch.profiler's memory events), which eager rows give beside theirs.
+        allocated = allocator_step_peak(partial(step, clear=False), trainable) / MiB
         row = {"model": case.name, "method": name, "mode": "compiled" if compiled else "eager",
-               "peak_mib": None if compiled else
+               "peak_mib": allocated if compiled else
                training_step_peak(partial(step, clear=False), trainable) / MiB,
+               "allocator_peak_mib": allocated,
+               "budget_mib": case.budgets[name] / MiB if name in case.budgets else None,
                "flops": None if compiled else step_flops(step)}  # fmt: skip
         rows.append(row)
-        print(f"{name:<40} peak {row['peak_mib'] or float('nan'):9.2f} MiB", flush=True)
+        print(f"{name:<40} peak {row['peak_mib']:9.2f} MiB (allocator {allocated:9.2f})",
+              flush=True)  # fmt: skip
     times = interleaved_times(steps, repeats=args.repeats, clock=_clock())
     for row in rows:
         base = "compiled budget 1.0" if row["mode"] == "compiled" else "plain"
@@ -270,6 +321,30 @@ def measure(case: Case, steps: dict[str, Step], models: dict[str, nn.Module], ar
         base_flops = next(r["flops"] for r in rows if r["method"] == "plain")
         row["flops_vs_plain"] = row["flops"] / base_flops if row["flops"] else None
         row["seconds"] = min(times[row["method"]])
+    return verdicts(rows)
+
+
+def verdicts(rows: list[dict]) -> list[dict]:
+    """The issue's target, per torchrev budget: is torchrev's time at most that of the fastest
+    torch method (same mode, same model: LoRA trains other parameters and is left out) whose
+    peak fits the same budget, torchrev's own peak fitting it too? Adds ``within_budget``,
+    ``fastest_torch_within``, ``its_time`` and ``target_met`` (None where no torch method fits;
+    False where torchrev's peak is over its budget, as a compiled plan planned on eager memory
+    can be)."""
+    torch_rows = [r for r in rows if "torchrev" not in r["method"] and "LoRA" not in r["method"]]
+    for r in rows:
+        if r["budget_mib"] is None:
+            continue
+        fits = [
+            o for o in torch_rows if o["mode"] == r["mode"] and o["peak_mib"] <= r["budget_mib"]
+        ]
+        best = min(fits, key=lambda o: o["time_vs_plain"], default=None)
+        r["fastest_torch_within"] = best and best["method"]
+        r["its_time"] = best and best["time_vs_plain"]
+        r["within_budget"] = r["peak_mib"] <= r["budget_mib"]
+        r["target_met"] = (
+            best and r["within_budget"] and r["time_vs_plain"] <= best["time_vs_plain"]
+        )
     return rows
 
 
@@ -281,20 +356,41 @@ def _clock() -> Callable[[], float]:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| model | method | peak MiB | time / plain | flops / plain |",
-        "|---" * 5 + "|",
+        "| model | method | budget MiB | peak MiB | allocator MiB | time / plain | flops / plain "
+        "| fastest torch method within the budget (same mode) |",
+        "|---" * 8 + "|",
     ]
     for r in rows:
-        peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.1f}"
-        flops = "-" if r["flops_vs_plain"] is None else f"{r['flops_vs_plain']:.2f}x"
-        lines.append(f"| {r['model']} | {r['method']} | {peak} | "
-                     f"{r['time_vs_plain']:.2f}x | {flops} |")  # fmt: skip
+        lines.append(f"| {r['model']} | {r['method']} | {_mib(r.get('budget_mib'))} | "
+                     f"{_mib(r['peak_mib'])} | {_mib(r.get('allocator_peak_mib'))} | "
+                     f"{r['time_vs_plain']:.2f}x | {_times(r['flops_vs_plain'])} | "
+                     f"{_verdict(r)} |")  # fmt: skip
     return "\n".join(lines)
 
 
+def _mib(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _times(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _verdict(r: dict) -> str:
+    """Whether the torchrev row met the target against the fastest torch method that fits."""
+    if "target_met" not in r:
+        return ""
+    over = "" if r["within_budget"] else " (torchrev over its budget)"
+    if r["target_met"] is None:
+        return "none fits" + over
+    mark = "yes" if r["target_met"] else "NO"
+    return f"{mark}: {r['fastest_torch_within']} {r['its_time']:.2f}x{over}"
+
+
 def plot(rows: list[dict], path: Path) -> None:
-    """Per model: peak MiB against step time over plain's, for the eager methods (compiled
-    rows have no measured peak: the table gives their times)."""
+    """Per model: peak MiB against step time over plain's of the same mode: eager methods
+    (filled markers, over eager plain) and compiled ones (hollow, dashed: over compiled
+    plain, peaks from the allocator)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -316,6 +412,13 @@ def _panel(ax: Any, rows: list[dict], key: str = "peak_mib") -> None:
     others = [r for r in rows if r["mode"] == "eager" and not r["method"].startswith("torchrev")]
     for i, r in enumerate(others):
         ax.plot(r[key], r["time_vs_plain"], "^", color=f"C{(i + 4) % 10}", label=r["method"])
+    for prefix, colour, label in (
+        ("compiled torchrev", "C3", "torchrev budgets (compiled)"),
+        ("compiled budget", "C0", "compiled activation_memory_budget 0 to 1"),
+    ):
+        line = [r for r in rows if r["method"].startswith(prefix)]  # in budget order
+        ax.plot([r[key] for r in line], [r["time_vs_plain"] for r in line], "o--", color=colour,
+                markerfacecolor="none", label=label)  # fmt: skip
     ax.set_xscale("log")
     ax.set_xlabel("peak activation MiB (beyond parameters and gradients)")
     ax.set_ylabel("step time / plain (same mode, paired)")

@@ -20,6 +20,10 @@ import torchrev
 STEPS = 3
 WIDTH = 4  # features per stream
 LAYOUTS = ("branch", "block", "stack", "root", "branch-exact", "block-exact")
+#: Memory plans forced on the stack's three blocks: every choice, the reversed run first or last.
+PLANS = (("keep", "checkpoint", "reverse"), ("reverse", "checkpoint", "keep"))
+#: A memory budget (a fraction from the floor to plain's peak) whose plans mix choices.
+FITTED = 0.4
 
 
 def build(exact: bool = False, dtype: torch.dtype = torch.float64) -> nn.Sequential:
@@ -116,6 +120,35 @@ def run_layout(layout: str, rank: int, world: int) -> dict[str, object]:
     return {"params": full_state(model), "peak": gathered.peak}
 
 
+def run_planned(layout: str, rank: int, world: int) -> dict[tuple[str, ...], object]:
+    """``layout`` (per branch or per block, exact or not) trained under each of :data:`PLANS`:
+    kept blocks under plain autograd, checkpointed ones under torch.utils.checkpoint, the
+    reversed run through the engine, all sharded. The final parameters per plan."""
+    out = {}
+    for choices in PLANS:
+        model = shard(build(exact=layout.endswith("-exact")), layout.removesuffix("-exact"))
+        with model[1].stack._forced_choices(choices):
+            train(model, rank, world)
+        out[choices] = full_state(model)
+    return out
+
+
+def run_fitted(rank: int, world: int, exact: bool) -> dict[str, object]:
+    """The stack sharded per branch, planned by ``torchrev.fit_memory`` under :data:`FITTED`
+    (each rank measuring its own share of the batch), then trained: every rank's plan, the
+    plan's budget and peak, and the final parameters."""
+    model = shard(build(exact=exact), "branch")
+    x, y = batch(0)
+    inputs, target = x.chunk(world)[rank], y.chunk(world)[rank]
+    plan = torchrev.fit_memory(
+        model, (inputs,), FITTED, lambda o: nn.functional.mse_loss(o, target)
+    )
+    plans: list[object] = [None] * world
+    dist.all_gather_object(plans, plan.choices)
+    train(model, rank, world)
+    return {"plans": plans, "budget": plan.budget, "peak": plan.peak, "params": full_state(model)}
+
+
 def run_mixed_precision(rank: int, world: int, root_too: bool) -> dict[str, object]:
     """Branches with bf16 parameters and float32 reduction: reversible against
     reversible=False, same layout. The streams stay float32, or with ``root_too`` (the root's
@@ -199,6 +232,11 @@ def main(rank: int, world: int, init: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         results: dict[str, object] = {layout: run_layout(layout, rank, world) for layout in LAYOUTS}
+        results["planned"] = {
+            layout: run_planned(layout, rank, world)
+            for layout in ("branch", "block", "branch-exact", "block-exact")
+        }
+        results["fitted"] = {exact: run_fitted(rank, world, exact) for exact in (False, True)}
         results["mixed"] = run_mixed_precision(rank, world, root_too=False)
         results["mixed-bf16-streams"] = run_mixed_precision(rank, world, root_too=True)
         results["revvit"] = run_registry_model(rank, world)

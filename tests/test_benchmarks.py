@@ -146,3 +146,34 @@ def test_interleaved_times_varies_which_step_runs_before_which():
     assert all(sorted(r) == list("abcd") for r in rounds)  # each step once per round
     before = {(r[i - 1], r[i]) for r in rounds for i in range(1, 4)}
     assert len({first for first, second in before if second == "c"}) > 1
+
+
+def test_budget_verdict_is_against_the_fastest_torch_method_that_fits_in_the_same_mode():
+    verdicts = load("budget").verdicts
+
+    def row(method, mode, peak, time, budget=None):
+        return {"method": method, "mode": mode, "peak_mib": peak, "time_vs_plain": time,
+                "budget_mib": budget}  # fmt: skip
+
+    rows = verdicts([
+        row("plain", "eager", 100, 1.0),
+        row("checkpoint every block", "eager", 30, 1.4),
+        row("selective checkpointing (torchtitan)", "eager", 50, 1.2),
+        row("LoRA + checkpointing, chunked head", "eager", 10, 0.5),  # other parameters
+        row("compiled budget 0.0", "compiled", 40, 0.9),
+        row("torchrev budget 0.00", "eager", 20, 1.3, budget=21),
+        row("torchrev budget 0.50", "eager", 50, 1.25, budget=55),
+        row("torchrev budget 1.00", "eager", 100, 1.0, budget=101),
+        row("compiled torchrev budget 0.50", "compiled", 45, 0.95, budget=55),
+        row("compiled torchrev budget 1.00", "compiled", 60, 0.5, budget=55),  # over its budget
+    ])  # fmt: skip
+    got = {
+        r["method"]: (r["fastest_torch_within"], r["target_met"]) for r in rows if r["budget_mib"]
+    }
+    assert got == {
+        "torchrev budget 0.00": (None, None),  # nothing of torch's fits 21 MiB
+        "torchrev budget 0.50": ("selective checkpointing (torchtitan)", False),
+        "torchrev budget 1.00": ("plain", True),
+        "compiled torchrev budget 0.50": ("compiled budget 0.0", False),
+        "compiled torchrev budget 1.00": ("compiled budget 0.0", False),
+    }

@@ -393,6 +393,37 @@ def test_volume_budget_gives_the_reversible_unet_three_times_the_voxels(tmp_path
     assert rows["reversible"]["elements"] >= 3 * rows["plain"]["elements"] > 0
 
 
+def test_bench_budgets_draw_the_curve_and_each_plan_stays_within_its_budget(tmp_path, capsys):
+    argv = ["bench", "--model", "revnet38", "--size", "small", "--depths", "1", "--batches", "1"]
+    assert main([*argv, "--repeats", "1", "--budgets", "3", "--out", str(tmp_path)]) == 0
+    rows = [r for r in json.loads((tmp_path / "bench.json").read_text()) if "method" in r]
+    budget_names = [f"budget {k}/3" for k in (1, 2, 3)]
+    assert [r["method"] for r in rows] == [
+        "plain",
+        "checkpoint every block",
+        "floor",
+        *budget_names,
+    ]
+    by = {r["method"]: r for r in rows}
+    budgets = [by[name] for name in budget_names]
+    assert all(r["peak_mib"] <= r["plan_budget_mib"] for r in budgets)
+    assert budgets[0]["plan"].startswith("0/0/")  # the floor: every block reversed
+    assert budgets[1]["plan"] not in (budgets[0]["plan"], budgets[2]["plan"])
+    assert budgets[-1]["plan"].endswith("/0/0")  # plain's peak: every block kept
+    assert by["floor"]["peak_mib"] <= budgets[0]["plan_budget_mib"] < budgets[1]["plan_budget_mib"]
+    assert budgets[-1]["plan_budget_mib"] >= by["plain"]["peak_mib"] > by["floor"]["peak_mib"]
+    assert all(r["time_ratio"] > 0 for r in rows)
+    assert "plan_budget_mib" in (tmp_path / "bench.csv").read_text().splitlines()[0]
+    assert "memory budgets at depth 1" in capsys.readouterr().out
+    assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+def test_bench_budgets_need_the_floor_and_plain(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--model", "revnet38", "--budgets", "1"])
+    assert "an integer >= 2" in capsys.readouterr().err
+
+
 def test_shapes3d_has_both_shapes_and_is_reproducible():
     x, y = make_shapes3d(4, side=12, seed=3)
     assert x.shape == (4, 1, 12, 12, 12) and y.shape == (4, 12, 12, 12)

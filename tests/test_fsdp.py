@@ -31,6 +31,32 @@ def test_parameters_after_several_steps_equal_one_process(results, layout):
         torch.testing.assert_close(got[name], p.detach(), rtol=1e-12, atol=1e-14, msg=name)
 
 
+@pytest.mark.parametrize("layout", ["branch", "block", "branch-exact", "block-exact"])
+def test_memory_plans_mixing_every_choice_train_sharded_as_one_process(results, layout):
+    """Kept, checkpointed and reversed blocks of one stack under FSDP2: one process's
+    parameters (the unplanned engine's, which are plain autograd's) after several steps."""
+    want = one_process(exact=layout.endswith("-exact"))
+    plans = results["planned"][layout]
+    assert set(plans) == set(worker.PLANS)
+    for choices, got in plans.items():
+        assert set(choices) == {"keep", "checkpoint", "reverse"}
+        for name, p in want.items():
+            torch.testing.assert_close(got[name], p.detach(), rtol=1e-12, atol=1e-14, msg=name)
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_fit_memory_plans_a_sharded_model_alike_on_every_rank(results, exact):
+    """Planned under FSDP2 (each rank measuring its own data: exact reversal's peaks differ by
+    a few bytes between ranks), every rank chooses the same mixed plan, within the budget, and
+    trains to one process's parameters."""
+    fitted = results["fitted"][exact]
+    first, *others = fitted["plans"]
+    assert all(plan == first for plan in others)
+    assert len(set(first)) >= 2 and fitted["peak"] <= fitted["budget"]
+    for name, p in one_process(exact).items():
+        torch.testing.assert_close(fitted["params"][name], p.detach(), rtol=1e-12, atol=1e-14)
+
+
 def test_a_registry_model_with_every_stack_sharded_equals_one_process(results):
     model = worker.build_vit()
     worker.train_vit(model, rank=0, world=1)

@@ -15,13 +15,16 @@ above the budget the least time-saving increments are dropped (as many bytes as 
 the plan measured again. Every plan in use was measured under its budget on the shapes it was
 made for. Peaks are reported with :data:`HEADROOM` added: exact reversal stores a correction
 whose wider codes depend on the values (a few bytes to a few hundred per step from batch to
-batch), so a plan measured on one batch keeps that much room for the next.
+batch), so a plan measured on one batch keeps that much room for the next. Under FSDP2 every
+rank plans at once, on the largest of the ranks' measured peaks (:func:`agreed`), so that all
+choose the same plan and run the same collectives.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -119,7 +122,50 @@ def step_peak(
         out = run()
         loss_fn(out).backward()
         del out
-    return tracker.peak_excluding(p.grad for p in params if p.grad is not None)
+    return tracker.peak_excluding(_local(p.grad) for p in params if p.grad is not None)
+
+
+def _local(t: Tensor) -> Tensor:
+    """A DTensor's local shard (FSDP2's sharded parameters and gradients), else ``t``."""
+    if "torch.distributed.tensor" in sys.modules:
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(t, DTensor):
+            return t.to_local()
+    return t
+
+
+def agreed(measure: Measure, params: Iterable[Tensor]) -> Measure:
+    """``measure``, its peaks the largest over the ranks where ``params`` are sharded (FSDP2).
+
+    Exact reversal's corrections make peaks differ by a few bytes from rank to rank (each has
+    its own data); plans chosen from different peaks would differ, and so would the ranks'
+    sequences of collectives (a measured step gathers and reduces): every rank plans on the
+    same numbers instead, the largest, so that the plan fits every rank.
+    """
+    mesh = next((_local_mesh(p) for p in params if _local(p) is not p), None)
+    if mesh is None:
+        return measure
+    import torch.distributed as dist
+
+    group, device = mesh
+
+    def largest(choices: Sequence[tuple[Choice, ...]]) -> int:
+        peak = torch.tensor([measure(choices)], dtype=torch.int64, device=device)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
+        return int(peak.item())
+
+    return largest
+
+
+def _local_mesh(t: Any) -> tuple[Any, torch.device]:
+    """A DTensor's process group (its mesh's) and the device of its local shard."""
+    return t.device_mesh.get_group(), t.to_local().device
+
+
+def _pointers(tensors: Iterable[Tensor]) -> set[int]:
+    """The storage addresses of ``tensors`` (of a DTensor's local shard)."""
+    return {_local(t).untyped_storage().data_ptr() for t in tensors}
 
 
 def measure_blocks(
@@ -132,15 +178,16 @@ def measure_blocks(
     costs: list[BlockCost] = []
     with untouched([stack], device):
         kw = detached(kwargs)
-        outside = {t.untyped_storage().data_ptr() for t in tree_leaves(kw) if isinstance(t, Tensor)}
-        outside |= {t.untyped_storage().data_ptr() for t in (*stack.parameters(), *stack.buffers())}
+        outside = _pointers(t for t in tree_leaves(kw) if isinstance(t, Tensor))
+        outside |= _pointers((*stack.parameters(), *stack.buffers()))
         values = tuple(s.detach() for s in streams)
         for index, block in enumerate(stack):
             saved: dict[int, int] = {}
 
-            def pack(t: Tensor, saved: dict[int, int] = saved) -> Tensor:
+            def pack(t: Tensor, saved: dict[int, int] = saved, block: nn.Module = block) -> Tensor:
                 storage = t.untyped_storage()
-                if storage.data_ptr() not in outside:
+                # FSDP2 swaps in gathered parameters for the forward: not activations either.
+                if storage.data_ptr() not in outside | _pointers(block.parameters()):
                     saved[storage.data_ptr()] = storage.nbytes()
                 return t
 
@@ -306,4 +353,4 @@ def plan_stack(
             trained = [*stack.parameters(), *(t for t in leaves if t.requires_grad)]
             return step_peak(lambda: stack(*inputs, **kw), trained, default_loss)
 
-    return fit([""], [costs], measure, budget)
+    return fit([""], [costs], agreed(measure, stack.parameters()), budget)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
-from .budget import default_loss, detached, fit, measure_blocks, step_peak, untouched
+from .budget import agreed, default_loss, detached, fit, measure_blocks, step_peak, untouched
 from .plan import Choice, Plan
 from .sequence import ReversibleSequential, shape_key
 
@@ -67,7 +67,7 @@ def fit_memory(
         with untouched([model], device), _forced([m for _, m in stacks], choices):
             return step_peak(lambda: _call(model, detached(example_inputs)), params, loss_fn)
 
-    plan = fit([name for name, _ in stacks], costs, measure, budget)
+    plan = fit([name for name, _ in stacks], costs, agreed(measure, params), budget)
     for name, m in stacks:
         m._set_plan(plan.for_stack(name), shape_key(*calls[id(m)]))
     return plan

@@ -1,5 +1,7 @@
 """Importable measuring code for benchmarks and tests: memory, flops and timing."""
 
+from .allocator import AllocatorBytes as AllocatorBytes
+from .allocator import allocator_step_peak as allocator_step_peak
 from .flops import CountFlops as CountFlops
 from .flops import step_flops as step_flops
 from .memory import LiveTensorBytes as LiveTensorBytes

@@ -6,7 +6,6 @@ import argparse
 import csv
 import json
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -16,10 +15,19 @@ import torch
 from torch import nn
 
 from ..bench.memory import MiB, training_step_peak
-from ..bench.timing import interleaved_times, median_ratio, retain_freed_memory
+from ..bench.timing import retain_freed_memory
 from ..models import create_model, list_models, model_info
 from ..models._base import AbstractReversibleModel
 from ..models._registry import ModelInfo
+from .bench_curve import (
+    add_budgets_argument,
+    add_paired_times,
+    budget_curve,
+    curve_panel,
+    curve_table,
+    is_curve_row,
+    set_form,
+)
 from .logs import finish
 from .options import HelpFormatter, add_out, positive_float, positive_int
 from .outdir import choose_out
@@ -41,7 +49,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "median step time in ms and its ratio to plain's (median of per-round ratios). "
             "Prints a line per point as it goes, then a table with the input shape; writes "
             "bench.csv, bench.json and bench.png. With --budget-mib, also the largest input "
-            "that fits the budget in each form."
+            "that fits the budget in each form; with --budgets N, the memory/time curve of N "
+            "memory budgets (torchrev.fit_memory) at the deepest depth and largest batch."
         ),
         formatter_class=HelpFormatter,
     )
@@ -74,6 +83,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--budget-mib", type=positive_float, default=None,
         help="also find the largest input side whose training step fits this many MiB",
     )  # fmt: skip
+    add_budgets_argument(parser)
     add_out(parser, "runs/bench")
     parser.set_defaults(run=run, interrupted="nothing was written")
 
@@ -94,9 +104,16 @@ def run(args: argparse.Namespace) -> int:
     if args.budget_mib is not None:
         deepest = {**base, **info.depth(max(args.depths))}
         rows += _largest_inputs(args.model, deepest, args.budget_mib)
+    curve = []
+    if args.budgets is not None:
+        depth, batch = max(args.depths), max(args.batches)
+        model = create_model(args.model, **{**base, **info.depth(depth)})
+        curve = budget_curve(model, depth, batch, args.budgets, args.repeats, CLOCKS[args.clock])
     title = f"torchrev bench: {args.model} ({args.size} size, {args.clock}-clock times)"
-    _write(rows, out, title)
+    _write(rows + curve, out, title)
     print(_table(rows))
+    if curve:
+        print(curve_table(curve))
     print(f"results ({', '.join(PRODUCES)}) in {out}")
     return 0
 
@@ -117,11 +134,6 @@ def _progress(items: list, desc: str) -> Any:
     return tqdm(items, desc=desc, leave=False, file=sys.stderr, disable=None)
 
 
-def _set_form(model: AbstractReversibleModel, form: str) -> None:
-    model.reversible = form == "reversible"
-    model.checkpoint_blocks = form == "checkpoint"
-
-
 def _step(model: nn.Module, x: torch.Tensor):
     def step() -> None:
         model(x.clone()).square().mean().backward()
@@ -135,7 +147,7 @@ def _measure(
     (x,) = model.example_inputs(batch)
     rows, steps = [], {}
     for form in FORMS:
-        _set_form(model, form)
+        set_form(model, form)
         step = _step(model, x)
         step()
         peak = training_step_peak(step, model.parameters())
@@ -145,15 +157,11 @@ def _measure(
         )
 
         def timed(form: str = form, step=step) -> None:
-            _set_form(model, form)
+            set_form(model, form)
             step()
 
         steps[form] = timed
-    times = interleaved_times(steps, repeats=repeats, clock=clock)
-    for row in rows:
-        row["seconds"] = statistics.median(times[row["form"]])
-        row["time_ratio"] = median_ratio(times[row["form"]], times["plain"])
-    return rows
+    return add_paired_times(rows, "form", steps, repeats, clock)
 
 
 def _largest_inputs(name: str, base: dict, budget_mib: float) -> list[dict]:
@@ -167,7 +175,7 @@ def _largest_inputs(name: str, base: dict, budget_mib: float) -> list[dict]:
         side, fits = unit, 0
         while side <= 64 * unit:
             model = create_model(name, **{**base, key: side})
-            _set_form(model, form)
+            set_form(model, form)
             (x,) = model.example_inputs(1)
             step = _step(model, x)
             step()
@@ -217,17 +225,20 @@ def _write(rows: list[dict], out: Path, title: str) -> None:
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    _plot([r for r in rows if "live_mib" in r], out / "bench.png", title)
+    curve = [r for r in rows if is_curve_row(r)]
+    _plot([r for r in rows if "live_mib" in r], curve, out / "bench.png", title)
 
 
-def _plot(rows: list[dict], path: Path, title: str) -> None:
-    """Activation memory (left) and step time over plain autograd's (right) against depth."""
+def _plot(rows: list[dict], curve: list[dict], path: Path, title: str) -> None:
+    """Activation memory (left) and step time over plain autograd's (middle) against depth;
+    with ``curve`` rows, peak memory against time under memory budgets (right)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (memory, speed) = plt.subplots(1, 2, figsize=(10, 4))
+    panels = 3 if curve else 2
+    fig, (memory, speed, *budgets) = plt.subplots(1, panels, figsize=(5 * panels, 4))
     batches = sorted({r["batch"] for r in rows})
     for colour, form in enumerate(FORMS):  # a colour per form, a line style per batch size
         for batch, style in zip(batches, ("-", "--", ":", "-.") * len(batches)):
@@ -244,6 +255,8 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
         xlabel="depth", ylabel="MiB", title="training-step activation memory\n(beyond weights)"
     )
     speed.set(xlabel="depth", ylabel="time / plain autograd's", title="training-step time")
+    if curve:
+        curve_panel(budgets[0], curve)
     handles, labels = memory.get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7)  # below, not on, the curves
     finish(fig, title, path, legend=False, bottom=0.04 + 0.05 * math.ceil(len(labels) / 3))
