@@ -66,7 +66,7 @@ HEADROOM = 0.01
 #: Plans measured at most while the estimate is calibrated against measured peaks, and
 #: upgrades tried on measured peaks after it.
 CALIBRATIONS = 4
-GROWTH = 4
+GROWTH = 8
 
 Measure = Callable[[Sequence[tuple[Choice, ...]]], int]
 
@@ -301,19 +301,28 @@ def _grown(
     """Try the next upgrades one at a time on measured peaks (at most :data:`GROWTH` more
     measurements), keeping each that fits: the estimate errs per choice (kept blocks share
     their input with their neighbours, checkpointed ones do not), which calibration by one
-    factor cannot fix."""
-    tries = 0
-    for inc in candidates:
-        if tries == GROWTH:
+    factor cannot fix. Peaks do not add up either (keeping a stack's last block costs nothing,
+    and one kept block may lower the peak another set), so an upgrade that did not fit is
+    tried again after one that did."""
+    tries, pending = 0, list(candidates)
+    while pending and tries < GROWTH:
+        rejected, grew = [], False
+        for inc in pending:
+            if tries == GROWTH:
+                break
+            current = choices_of(sizes, taken)[inc.stack][inc.index]
+            if CHOICES.index(inc.choice) >= CHOICES.index(current):
+                continue  # not an upgrade of this block's current choice
+            tries += 1
+            attempt = [*taken, inc]
+            measured = measure(choices_of(sizes, attempt))
+            if measured <= target:
+                taken, peak, grew = attempt, measured, True
+            else:
+                rejected.append(inc)
+        if not grew:
             break
-        current = choices_of(sizes, taken)[inc.stack][inc.index]
-        if CHOICES.index(inc.choice) >= CHOICES.index(current):
-            continue  # not an upgrade of this block's current choice
-        tries += 1
-        attempt = [*taken, inc]
-        measured = measure(choices_of(sizes, attempt))
-        if measured <= target:
-            taken, peak = attempt, measured
+        pending = rejected
     return taken, peak
 
 
