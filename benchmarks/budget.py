@@ -33,7 +33,9 @@ runs the issue's shapes (decoder: 24 layers, width 768, sequence 1024, vocabular
 RevViT-B: 12 blocks, width 768, 224x224 images, batch 8).
 
 Run ``python benchmarks/budget.py`` (hf and demo extras); results and a PNG go to
-``benchmarks/results/budget-*``.
+``benchmarks/results/budget-*``. ``--memory-only`` (with ``--parts decoder`` for the decoder
+alone) measures each eager method's whole-step peak and flops without timing or compiled rows
+(:mod:`budget_memory`), and prints the issue's decoder targets, met or missed.
 """
 
 from __future__ import annotations
