@@ -64,9 +64,10 @@ def test_chunked_cross_entropy_matches_a_plain_one_in_float64():
 
 
 def test_the_default_chunk_keeps_a_few_hidden_states_not_the_logits():
-    # Liger's rule: a chunk's logits are about the hidden states' size, whatever the vocabulary.
-    assert default_chunk_tokens(1023, 32000, 768) == 32  # the decoder benchmark's shape
-    assert default_chunk_tokens(8 * 4096, 128256, 4096) == 1024
+    # A chunk's logits are about four hidden states, whatever the vocabulary.
+    assert default_chunk_tokens(1023, 32000, 768) == 128  # the decoder benchmark's shape
+    assert default_chunk_tokens(8 * 4096, 128256, 4096) == 4096
+    assert default_chunk_tokens(8 * 4096, 128256, 4096, hidden_states=1) == 1024  # Liger's
     assert default_chunk_tokens(1, 50257, 64) == 1
     torch.manual_seed(0)
     hidden = torch.randn(1, 256, 16, dtype=torch.float64, requires_grad=True)
@@ -85,9 +86,9 @@ def test_the_default_chunk_keeps_a_few_hidden_states_not_the_logits():
         assert torch.allclose(loss, expected, rtol=1e-6)
         assert torch.allclose(hidden.grad, want, rtol=1e-12, atol=1e-12 * want.abs().max())
     hidden_bytes, logits_bytes = hidden.nbytes, logits.nbytes
-    # A chunk's logits in hidden's dtype are the hidden states' bytes: with their float32 copy,
-    # log-softmax and gradients, a few of those, against three whole logits tensors at once.
-    assert peaks[None] <= 4 * hidden_bytes
+    # 8 tokens a chunk: its logits in hidden's dtype are four hidden states' bytes; with their
+    # float32 copy, log-softmax and gradients, a few of those, against three whole logits.
+    assert peaks[None] <= 8 * hidden_bytes  # two chunks of logits in the dtype of hidden
     assert peaks[1024] >= 3 * logits_bytes
 
 
