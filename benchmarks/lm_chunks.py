@@ -6,6 +6,8 @@ Once the loss holds less than one layer's recomputation, smaller chunks lower no
 cost time. For MEFT1 at its floor (every layer reversed) on a Llama-shaped decoder: the whole
 step's peak of live tensor bytes beyond parameters and gradients (deterministic), and its time
 over 1024-token chunks', paired round by round (CPU seconds of this process on one thread),
+beside the peak of the same step with every block kept (plain autograd through the layers,
+which peaks at the loss's backward with every activation alive: there the loss adds on top),
 for chunks of one hidden state's worth of logits (Liger Kernel's rule), the default (four),
 and larger ones.
 
@@ -22,6 +24,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import torch
@@ -66,16 +69,16 @@ def main(argv: list[str] | None = None) -> None:
     tokens, (vocab, width) = ids.numel() - 1, head.shape
     sizes = {f"{f} hidden state{'s' * (f > 1)}": default(tokens, vocab, width, f) for f in FACTORS}
     sizes["1024 tokens (the former default)"] = 1024
-    reverse = ("reverse",) * len(case.stack)
-    base = case.step(around=lambda: forced(case, reverse))
-    steps = {name: _with_chunks(base, n) for name, n in sizes.items()}
-    trainable = [p for p in case.model.parameters() if p.requires_grad]
+    depth = len(case.stack)
+    base = case.step(around=lambda: forced(case, ("reverse",) * depth))
+    kept = case.step(around=lambda: forced(case, ("keep",) * depth))
+    steps = {name: _with_chunks(base, tokens) for name, tokens in sizes.items()}
     rows = []
-    for name, step in steps.items():
-        step()
-        peak = training_step_peak(lambda s=step: s(clear=False), trainable) / MiB
-        rows.append({"model": case.name, "chunk": name, "tokens": sizes[name], "peak_mib": peak})
-        print(f"{name:<36} {sizes[name]:5d} tokens  peak {peak:8.1f} MiB", flush=True)
+    for name, tokens in sizes.items():
+        peak, plain = (_peak(case, _with_chunks(s, tokens)) for s in (base, kept))
+        row = {"model": case.name, "chunk": name, "tokens": tokens}
+        rows.append(row | {"peak_mib": peak, "plain_peak_mib": plain})
+        print(f"{name:<36} {tokens:5d} tokens  peak {peak:8.1f} MiB, plain {plain:8.1f} MiB")
     times = interleaved_times(steps, repeats=args.repeats, clock=time.process_time)
     for row in rows:
         ratio = median_ratio(times[row["chunk"]], times["1024 tokens (the former default)"])
@@ -85,15 +88,25 @@ def main(argv: list[str] | None = None) -> None:
         f"1 thread, {args.repeats} interleaved rounds (CPU seconds, paired ratios); peak: live "
         f"tensor MiB beyond parameters and gradients."
     )
-    lines = ["| model | chunk's logits | tokens | peak MiB | time / 1024-token chunks |"]
-    lines.append("|---" * 5 + "|")
+    lines = [
+        "| model | chunk's logits | tokens | peak MiB | time / 1024-token chunks "
+        "| every block kept: peak MiB |",
+        "|---" * 6 + "|",
+    ]
     lines += [
         f"| {r['model']} | {r['chunk']} | {r['tokens']} | {r['peak_mib']:.1f} | "
-        f"{r['time_vs_1024']:.2f}x |"
+        f"{r['time_vs_1024']:.2f}x | {r['plain_peak_mib']:.1f} |"
         for r in rows
     ]
     tag = args.tag or f"lm-chunks-cpu{'-full' if args.full else ''}"
     write_results(RESULTS, tag, setup, rows, "\n".join(lines))
+
+
+def _peak(case: Any, step: Callable[..., None]) -> float:
+    """The step's peak MiB beyond parameters and gradients, after one warm-up step."""
+    step()
+    trainable = [p for p in case.model.parameters() if p.requires_grad]
+    return training_step_peak(lambda: step(clear=False), trainable) / MiB
 
 
 def default(tokens: int, vocab: int, width: int, factor: int) -> int:
