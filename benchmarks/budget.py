@@ -36,7 +36,9 @@ runs the issue's shapes (decoder: 24 layers, width 768, sequence 1024, vocabular
 RevViT-B: 12 blocks, width 768, 224x224 images, batch 8).
 
 Run ``python benchmarks/budget.py`` (hf and demo extras); results and a PNG go to
-``benchmarks/results/budget-*``.
+``benchmarks/results/budget-*``. ``--memory-only`` (with ``--parts decoder`` for the decoder
+alone) measures each eager method's whole-step peak and flops without timing or compiled rows
+(:mod:`budget_memory`), and prints the issue's decoder targets, met or missed.
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ from torchrev.bench import (
 from torchrev.convert import chunked_lm_loss, meft_stage
 
 sys.path.insert(0, str(Path(__file__).parent))
+from budget_memory import MEMORY_FRACTIONS, memory_rows, memory_table, target_lines
 from convert import decoder, with_lora
 
 RESULTS = Path(__file__).parent / "results"
@@ -189,10 +192,10 @@ def selective(case: Case) -> Iterator[None]:
         del stack.forward
 
 
-def eager_methods(case: Case) -> dict[str, Step]:
+def eager_methods(case: Case, fractions: tuple[float, ...] = FRACTIONS) -> dict[str, Step]:
     n = len(case.stack)
     steps: dict[str, Step] = {"plain": case.step(around=partial(forced, case, ("keep",) * n))}
-    for fraction in FRACTIONS:
+    for fraction in fractions:
         plan = torchrev.fit_memory(case.model, case.inputs, fraction, case.loss)
         label = f"torchrev budget {fraction:.2f}"
         case.budgets[label] = plan.budget
@@ -437,6 +440,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tag", default=None)
     parser.add_argument("--replot", type=Path, metavar="JSON",
                         help="rewrite the table and PNG of a results JSON")  # fmt: skip
+    parser.add_argument("--memory-only", action="store_true",
+                        help="peaks and flops of the eager methods only (budget_memory.py): "
+                             "no timing rounds, no compiled rows")  # fmt: skip
     args = parser.parse_args(argv)
     if args.replot:
         document = json.loads(args.replot.read_text())
@@ -451,6 +457,8 @@ def main(argv: list[str] | None = None) -> None:
     retain_freed_memory()
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.memory_only:
+        return memory_only(args)
     backend = "inductor" if args.inductor else "aot_eager_decomp_partition"
     rows: list[dict] = []
     for part in args.parts:
@@ -473,6 +481,33 @@ def main(argv: list[str] | None = None) -> None:
     tag = args.tag or f"budget-cpu{'-full' if args.full else ''}"
     write_results(RESULTS, tag, setup, rows, table(rows))
     plot(rows, RESULTS / f"{tag}.png")
+
+
+def memory_only(args: argparse.Namespace) -> None:
+    """The eager methods' whole-step peaks and flops (torchrev at :data:`MEMORY_FRACTIONS`),
+    and the decoder's targets, met or missed."""
+    rows: list[dict] = []
+    for part in args.parts:
+        case = llama_case(args.full) if part == "decoder" else vit_case(args.full)
+        print(f"\n{case.name}", flush=True)
+        steps = eager_methods(case, MEMORY_FRACTIONS)
+        models: dict[str, nn.Module] = {}
+        if part == "decoder":
+            for name, (model, step) in lora_methods(args.full, case.inputs).items():
+                steps[name], models[name] = step, model
+        rows += memory_rows(case, steps, models)
+    shape = "full shapes" if args.full else "REDUCED shapes (--full for the issue's)"
+    setup = (
+        f"Whole training step's memory, {shape}; CPU, torch {torch.__version__}, 1 thread; "
+        f"peak: live tensor MiB of one step beyond parameters and gradients (deterministic), "
+        f"after one warm-up step; flops: matrix products and attention, recomputations "
+        f"included; no timing, no compiled rows (see budget-cpu.md for those)."
+    )
+    text = memory_table(rows)
+    if targets := target_lines(rows):
+        text += "\n\nTargets (issue 24):\n\n" + "\n".join(targets)
+    tag = args.tag or f"budget{'-full' if args.full else ''}-memory-cpu"
+    write_results(RESULTS, tag, setup, rows, text)
 
 
 if __name__ == "__main__":

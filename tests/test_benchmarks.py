@@ -126,6 +126,36 @@ def test_convert_benchmark_quick(tmp_path):
     assert all(r["vs_full"] < 0.5 for r in minilm)
 
 
+def test_budget_memory_only_rows_and_targets():
+    import torch
+
+    import torchrev
+
+    budget = load("budget")  # puts benchmarks/ on the path
+    from budget_memory import memory_rows, target_lines
+
+    torch.manual_seed(0)
+    couple = torchrev.AdditiveCoupling
+    blocks = [couple(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)) for _ in range(3)]
+    stack = torchrev.ReversibleSequential(*blocks, exact=True).train()
+    streams = (torch.randn(32, 8), torch.randn(32, 8))
+    case = budget.Case("toy", stack, streams, lambda o: sum(t.square().sum() for t in o), stack)
+    rows = memory_rows(case, budget.eager_methods(case, (0.0, 1.0)), {})
+    by = {r["method"]: r for r in rows}
+    assert by["plain"]["peak_vs_plain"] == 1 and by["torchrev budget 1.00"]["peak_vs_plain"] == 1
+    assert by["torchrev budget 0.00"]["peak_mib"] < by["checkpoint every block"]["peak_mib"]
+    assert by["torchrev budget 0.00"]["flops_vs_plain"] > 1  # the recomputation
+    # The decoder's targets, met and missed, from the rows of one model.
+    rows = [
+        {"model": "m", "method": "torchrev budget 0.00", "peak_mib": 60.0},
+        {"model": "m", "method": "LoRA + checkpointing, chunked head", "peak_mib": 100.0},
+        {"model": "m", "method": "LoRA + checkpointing, transformers' head", "peak_mib": 100.0},
+    ]
+    lines = target_lines(rows)
+    assert "0.60x" in lines[0] and lines[0].endswith("met")
+    assert lines[1].endswith("MISSED")
+
+
 def test_median_ratio_cancels_drift_within_rounds():
     from torchrev.bench import median_ratio
 

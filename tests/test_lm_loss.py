@@ -8,7 +8,7 @@ import torch
 import torchrev
 from tests.tiny_models import tokens
 from torchrev.bench import LiveTensorBytes
-from torchrev.convert import chunked_cross_entropy, chunked_lm_loss
+from torchrev.convert import chunked_cross_entropy, chunked_lm_loss, default_chunk_tokens
 
 
 def _step(model, batch):
@@ -61,6 +61,35 @@ def test_chunked_cross_entropy_matches_a_plain_one_in_float64():
     assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-7) for a, b in zip(got, want))
     with pytest.raises(ValueError, match="one label per position"):
         chunked_cross_entropy(hidden, weight, labels[:, 1:])
+
+
+def test_the_default_chunk_keeps_a_few_hidden_states_not_the_logits():
+    # A chunk's logits are about four hidden states, whatever the vocabulary.
+    assert default_chunk_tokens(1023, 32000, 768) == 128  # the decoder benchmark's shape
+    assert default_chunk_tokens(8 * 4096, 128256, 4096) == 4096
+    assert default_chunk_tokens(8 * 4096, 128256, 4096, hidden_states=1) == 1024  # Liger's
+    assert default_chunk_tokens(1, 50257, 64) == 1
+    torch.manual_seed(0)
+    hidden = torch.randn(1, 256, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(2048, 16, dtype=torch.float64)  # frozen, as under MEFT or LoRA
+    labels = torch.randint(0, 2048, (1, 256))
+    logits = (hidden @ weight.T).float()
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 2048), labels.reshape(-1))
+    (want,) = torch.autograd.grad(expected, hidden)
+    peaks = {}
+    for chunk in (None, 1024):
+        hidden.grad = None
+        with LiveTensorBytes() as tracker:
+            loss = chunked_cross_entropy(hidden, weight, labels, chunk_tokens=chunk)
+            loss.backward()
+        peaks[chunk] = tracker.peak_excluding([hidden.grad])
+        assert torch.allclose(loss, expected, rtol=1e-6)
+        assert torch.allclose(hidden.grad, want, rtol=1e-12, atol=1e-12 * want.abs().max())
+    hidden_bytes, logits_bytes = hidden.nbytes, logits.nbytes
+    # 8 tokens a chunk: its logits in hidden's dtype are four hidden states' bytes; with their
+    # float32 copy, log-softmax and gradients, a few of those, against three whole logits.
+    assert peaks[None] <= 8 * hidden_bytes  # two chunks of logits in the dtype of hidden
+    assert peaks[1024] >= 3 * logits_bytes
 
 
 def test_a_meft_decoder_trains_on_the_chunked_loss_under_a_memory_budget():

@@ -42,7 +42,8 @@ def add_decoder_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--full-logits", action="store_true",
         help="with --decoder: the training loss from the whole logits tensor (transformers' own "
-        "head) instead of chunks of 1024 tokens recomputed in backward "
+        "head) instead of chunks of tokens (a chunk's logits about the hidden states' size) "
+        "recomputed in backward "
         "(torchrev.convert.chunked_lm_loss, the default: the same loss and gradients to "
         "rounding, without the tokens x vocabulary logits in memory)",
     )  # fmt: skip

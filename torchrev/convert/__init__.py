@@ -8,6 +8,7 @@ from .families import FAMILIES as FAMILIES
 from .families import LayerFamily as LayerFamily
 from .lm_loss import chunked_cross_entropy as chunked_cross_entropy
 from .lm_loss import chunked_lm_loss as chunked_lm_loss
+from .lm_loss import default_chunk_tokens as default_chunk_tokens
 from .meft import meft as meft
 from .meft import meft_stage as meft_stage
 from .report import ConversionReport as ConversionReport
