@@ -62,9 +62,8 @@ def _load() -> ctypes.CDLL | None:
     source = _SOURCE.read_bytes()
     machine = f"{sys.platform}-{platform.machine()}".encode()
     key = hashlib.sha256(source + machine).hexdigest()[:16]
-    cache = Path(os.environ.get("TORCHREV_CACHE", Path.home() / ".cache" / "torchrev"))
-    built = cache / f"exact_kernels-{key}.so"
     try:
+        built = _cache() / f"exact_kernels-{key}.so"
         if not built.exists():
             _build(built)
         return _declared(ctypes.CDLL(str(built)))
@@ -76,6 +75,18 @@ def _load() -> ctypes.CDLL | None:
             stacklevel=3,
         )
         return None
+
+
+def _cache() -> Path:
+    """Where the library is kept: ``$TORCHREV_CACHE``, else ``~/.cache/torchrev``; without a
+    home, a folder of this process's own (never a shared one, where anyone could plant a
+    library under the expected name)."""
+    if "TORCHREV_CACHE" in os.environ:
+        return Path(os.environ["TORCHREV_CACHE"])
+    try:
+        return Path.home() / ".cache" / "torchrev"
+    except RuntimeError:  # no home directory
+        return Path(tempfile.mkdtemp(prefix="torchrev-"))
 
 
 def _build(target: Path) -> None:
