@@ -446,9 +446,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.replot:
         document = json.loads(args.replot.read_text())
-        for row in document["rows"]:
-            if row["mode"] == "compiled":
-                row["peak_mib"] = None  # see the module docstring
         tag = args.replot.stem
         write_results(RESULTS, tag, document["setup"], document["rows"], table(document["rows"]))
         plot(document["rows"], RESULTS / f"{tag}.png")

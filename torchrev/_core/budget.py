@@ -23,7 +23,6 @@ choose the same plan and run the same collectives.
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any
@@ -34,7 +33,7 @@ from torch.autograd.graph import saved_tensors_hooks
 from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.checkpoint import checkpoint
 
-from .measure import CountFlops, LiveTensorBytes
+from .measure import CountFlops, LiveTensorBytes, local_shard
 from .plan import (
     CHOICES,
     BlockCost,
@@ -122,17 +121,7 @@ def step_peak(
         out = run()
         loss_fn(out).backward()
         del out
-    return tracker.peak_excluding(_local(p.grad) for p in params if p.grad is not None)
-
-
-def _local(t: Tensor) -> Tensor:
-    """A DTensor's local shard (FSDP2's sharded parameters and gradients), else ``t``."""
-    if "torch.distributed.tensor" in sys.modules:
-        from torch.distributed.tensor import DTensor
-
-        if isinstance(t, DTensor):
-            return t.to_local()
-    return t
+    return tracker.peak_excluding(p.grad for p in params if p.grad is not None)
 
 
 def agreed(measure: Measure, params: Iterable[Tensor]) -> Measure:
@@ -143,7 +132,7 @@ def agreed(measure: Measure, params: Iterable[Tensor]) -> Measure:
     sequences of collectives (a measured step gathers and reduces): every rank plans on the
     same numbers instead, the largest, so that the plan fits every rank.
     """
-    mesh = next((_local_mesh(p) for p in params if _local(p) is not p), None)
+    mesh = next((_local_mesh(p) for p in params if local_shard(p) is not p), None)
     if mesh is None:
         return measure
     import torch.distributed as dist
@@ -165,7 +154,7 @@ def _local_mesh(t: Any) -> tuple[Any, torch.device]:
 
 def _pointers(tensors: Iterable[Tensor]) -> set[int]:
     """The storage addresses of ``tensors`` (of a DTensor's local shard)."""
-    return {_local(t).untyped_storage().data_ptr() for t in tensors}
+    return {local_shard(t).untyped_storage().data_ptr() for t in tensors}
 
 
 def measure_blocks(

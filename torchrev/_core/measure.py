@@ -7,6 +7,7 @@ re-exports them for benchmarks and tests, so that a plan's peak and a test's are
 from __future__ import annotations
 
 import itertools
+import sys
 import weakref
 from collections.abc import Iterable
 from typing import Any
@@ -101,8 +102,9 @@ class LiveTensorBytes(TorchDispatchMode):
         self.peak = max(self.peak, self.current)
 
     def peak_excluding(self, tensors: Iterable[torch.Tensor]) -> int:
-        """The peak had the storages of ``tensors`` (alive now) never been counted."""
-        skip = {self._serials.get(t.untyped_storage()._cdata) for t in tensors}
+        """The peak had the storages of ``tensors`` (alive now; a DTensor's local shard)
+        never been counted."""
+        skip = {self._serials.get(local_shard(t).untyped_storage()._cdata) for t in tensors}
         current = peak = 0
         for serial, delta in self._events:
             if serial not in skip:
@@ -132,3 +134,14 @@ class CountFlops(TorchDispatchMode):
         if formula is not None:
             self.total += formula(*args, **kwargs, out_val=out)
         return out
+
+
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (FSDP2's sharded parameters and gradients), else ``t``: what
+    the dispatcher sees of it."""
+    if "torch.distributed.tensor" in sys.modules:
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(t, DTensor):
+            return t.to_local()
+    return t
